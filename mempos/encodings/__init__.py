@@ -6,7 +6,8 @@ this layer turns them into rotations.
 
 from .gpt2 import EAGER, SDPA, apply_encoding, eager_attention, encoding_name, is_patched
 from .registry import ENCODINGS, EncodingSpec, get_encoding, register_encoding
-from .rotary import PositionEncoding, Rotary, apply_rotary, inverse_frequencies, rotate_half
+from .base import PositionEncoding
+from .rotary import Rotary, apply_rotary, inverse_frequencies, rotate_half
 from .warps import WARPS, get_warp, register_warp
 
 __all__ = [

@@ -3,8 +3,8 @@
 GPT-2 in transformers 5.x builds q, k, v, stores the *unrotated* keys in the
 cache, then calls the attention function named by
 `config._attn_implementation`. We register two such functions, an sdpa one
-for training and an eager twin that returns attention probabilities, each
-rotating q and k with the layer's `position_encoding` first. Because the
+for training and an eager twin that returns attention probabilities; both
+hand q, k, v and positions to the layer's `position_encoding`. Because the
 cache keeps unrotated keys, every call rotates all keys with their own
 positions.
 
@@ -22,9 +22,7 @@ import contextlib
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
 from .registry import get_encoding
 
@@ -46,25 +44,21 @@ def key_positions(token_positions, length: int, device) -> torch.Tensor:
     return pos.clamp_min(0)
 
 
-def rotate(module, q, k, token_positions):
-    k_pos = key_positions(token_positions, k.shape[2], q.device)
-    q_pos = k_pos[:, k.shape[2] - q.shape[2]:]
-    if q_pos.shape[-1] == k_pos.shape[-1]:
-        q_pos = k_pos
+def attend(module, query, key, value, attention_mask, token_positions, eager: bool, **kwargs):
     encoding = getattr(module, "position_encoding", None)
     if encoding is None:  # e.g. an unpatched model that shares its config object with a patched one
         raise RuntimeError(f"attention layer {module.layer_idx} has no position encoding; apply_encoding first")
-    return encoding.rotate(q, k, q_pos, k_pos)
+    k_pos = key_positions(token_positions, key.shape[2], query.device)
+    q_pos = k_pos if query.shape[2] == key.shape[2] else k_pos[:, key.shape[2] - query.shape[2]:]
+    return encoding.attend(module, query, key, value, attention_mask, q_pos, k_pos, eager=eager, **kwargs)
 
 
 def rotary_sdpa(module, query, key, value, attention_mask, token_positions=None, **kwargs):
-    query, key = rotate(module, query, key, token_positions)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return attend(module, query, key, value, attention_mask, token_positions, eager=False, **kwargs)
 
 
 def rotary_eager(module, query, key, value, attention_mask, token_positions=None, **kwargs):
-    query, key = rotate(module, query, key, token_positions)
-    return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return attend(module, query, key, value, attention_mask, token_positions, eager=True, **kwargs)
 
 
 # The mask builder must be registered under the same name, or no causal mask is built.

@@ -9,8 +9,8 @@ large position visibly moves the logits.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from .base import PositionEncoding
 from .warps import get_warp
 
 
@@ -26,16 +26,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def inverse_frequencies(dim: int, base: float = 10000.0) -> torch.Tensor:
     """omega_k = base^(-2k/d) for k = 0 .. d/2 - 1."""
     return base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-
-
-class PositionEncoding(nn.Module):
-    """What the patched attention asks of an encoding: rotate q and k, given positions.
-
-    `q_pos` and `k_pos` are float32 positions of shape (B, Tq) and (B, Tk).
-    """
-
-    def rotate(self, q, k, q_pos, k_pos):
-        raise NotImplementedError
 
 
 class Rotary(PositionEncoding):
