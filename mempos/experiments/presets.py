@@ -62,7 +62,7 @@ PRESETS: dict[str, NeedleConfig] = {
     # move far too little at it in a few hundred steps, so from scratch we use 1e-3 with
     # a short warm-up, the usual range for models of this width.
     "tiny": NeedleConfig(
-        preset="tiny", epochs=1, lr=1e-3, warmup_ratio=0.05, max_train_chunks=2400,
+        preset="tiny", epochs=3, lr=1e-3, warmup_ratio=0.05,
         vocab_size=4096, n_layer=4, n_head=4, n_embd=128,
     ),
     # The full recipe: distilgpt2 fine-tuned on WikiText-2 for 3 epochs at the issue's
