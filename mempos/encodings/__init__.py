@@ -4,6 +4,7 @@ Nothing here knows about the agent or the memory: they hand positions in,
 this layer turns them into rotations.
 """
 
+from . import alibi, path, scale_invariant  # noqa: F401  (they register their encodings)
 from .gpt2 import EAGER, SDPA, apply_encoding, eager_attention, encoding_name, is_patched
 from .registry import ENCODINGS, EncodingSpec, get_encoding, register_encoding
 from .base import PositionEncoding

@@ -33,14 +33,24 @@ CONFIG_KEY = "mempos_encoding"  # recorded in config.json so a reload can re-app
 
 def key_positions(token_positions, length: int, device) -> torch.Tensor:
     """Float32 positions of shape (B, T_k), or (1, T_k) when every row shares them,
-    clamped at 0 (log1p of a negative pad is NaN)."""
+    clamped at 0 (log1p of a negative pad is NaN).
+
+    A 3-D input (B or 1, T_k, A) carries A position axes per token (for a
+    multi-axis encoding) and is kept 3-D; its token dimension is -2. A 1-D or
+    2-D input is one axis. Queries take the last T_q along dim 1 either way.
+    """
     if token_positions is None:
         return torch.arange(length, device=device, dtype=torch.float32)[None]
     pos = torch.as_tensor(token_positions, device=device).float()
     if pos.dim() == 1:
         pos = pos[None]
-    if pos.shape[-1] != length:
-        raise ValueError(f"token_positions covers {pos.shape[-1]} tokens but attention sees {length} keys")
+    if pos.dim() not in (2, 3):
+        raise ValueError(
+            f"token_positions must be (T,), (B, T) or (B, T, axes); got shape {tuple(pos.shape)}"
+        )
+    tokens = pos.shape[-2] if pos.dim() == 3 else pos.shape[-1]
+    if tokens != length:
+        raise ValueError(f"token_positions covers {tokens} tokens but attention sees {length} keys")
     return pos.clamp_min(0)
 
 
@@ -91,6 +101,8 @@ def apply_encoding(model, name: str, **options):
     model.transformer.wpe = NoPositionEmbedding()
     for block in model.transformer.h:
         block.attn.position_encoding = spec.build(config, **options)
+        if hasattr(block.attn.position_encoding, "install"):  # e.g. PaTH reads the layer's input
+            block.attn.position_encoding.install(block.attn)
     model.set_attn_implementation(SDPA)
     return model
 

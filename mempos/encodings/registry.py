@@ -58,3 +58,101 @@ def get_encoding(name: str) -> EncodingSpec:
         return ENCODINGS[name]
     except KeyError:
         raise KeyError(f"unknown encoding {name!r}; known: {', '.join(ENCODINGS)}") from None
+
+
+# ---- warps, frequency schedules, p-RoPE, multi-axis ------------------------------------
+# Schedules come from transformers' ROPE_INIT_FUNCTIONS (see rotary.py). Where a method needs
+# a factor and a training length, the defaults are the needle experiment's: train at
+# TRAIN_LEN = 128 tokens, evaluate at 4x, so factor = eval_len / train_len = 4. Every schedule
+# takes `warp` (and `warp_options`) too: it changes the frequencies, the warp the positions.
+
+from .multiaxis import MultiAxisRotary  # noqa: E402
+
+TRAIN_LEN, FACTOR = 128, 4.0
+
+
+def _scaled(config, base, warp, warp_options, **scaling):
+    return Rotary(head_dim(config), base=base, warp=warp, warp_options=warp_options, scaling=scaling)
+
+
+@register_encoding(
+    "rope_power",
+    "power-warped RoPE, theta = omega_k * i^beta, beta = 0.5 (this project): neither shift- nor ratio-invariant",
+)
+def rope_power(config, beta: float = 0.5, base: float = 10000.0):
+    return Rotary(head_dim(config), base=base, warp="power", warp_options={"beta": beta})
+
+
+@register_encoding(
+    "rope_spline",
+    "learned-warp RoPE, theta = omega_k * g(log(1 + i)), g monotone piecewise linear, linear past the last "
+    "knot, init g(u) = u (si_rope; init=linear: rope) (this project)",
+)
+def rope_spline(config, init: str = "log1p", n_knots: int = 16, base: float = 10000.0):
+    return Rotary(head_dim(config), base=base, warp="spline", warp_options={"init": init, "n_knots": n_knots})
+
+
+@register_encoding(
+    "rope_linear_pi",
+    "position interpolation (Chen et al. 2023), theta = omega_k * i / s, s = 4 (transformers 'linear')",
+)
+def rope_linear_pi(config, factor: float = FACTOR, base: float = 10000.0, warp="linear", warp_options=None):
+    return _scaled(config, base, warp, warp_options, rope_type="linear", factor=float(factor))
+
+
+@register_encoding(
+    "rope_ntk",
+    "dynamic NTK (bloc97, emozilla 2023), base*(s*L/L0 - s + 1)^(d/(d-2)) for call length L > L0, "
+    "s = 4, L0 = 128 (transformers 'dynamic')",
+)
+def rope_ntk(config, factor: float = FACTOR, train_len: int = TRAIN_LEN, length: int | None = None,
+             base: float = 10000.0, warp="linear", warp_options=None):
+    """Dynamic by default, as transformers: each call's largest position sets the frequencies (so past
+    train_len a KV cache only approximates recomputation); `length` pins them at that length instead."""
+    scaling = {"rope_type": "dynamic", "factor": float(factor), "original_max_position_embeddings": int(train_len)}
+    return Rotary(head_dim(config), base=base, warp=warp, warp_options=warp_options, scaling=scaling,
+                  schedule_length=length)
+
+
+@register_encoding(
+    "rope_yarn",
+    "YaRN (Peng et al. 2023), omega_k/s -> omega_k ramped by rotations in L0 (1..32), cos/sin x (0.1 ln s + 1), "
+    "s = 4, L0 = 128",
+)
+def rope_yarn(config, factor: float = FACTOR, train_len: int = TRAIN_LEN, beta_fast: float = 32.0,
+              beta_slow: float = 1.0, base: float = 10000.0, warp="linear", warp_options=None):
+    return _scaled(config, base, warp, warp_options, rope_type="yarn", factor=float(factor),
+                   original_max_position_embeddings=int(train_len), beta_fast=float(beta_fast),
+                   beta_slow=float(beta_slow))
+
+
+@register_encoding(
+    "rope_llama3",
+    "Llama 3.1 scaling (Meta 2024), omega_k/s for wavelengths > L0/1, omega_k below L0/4, smooth between, "
+    "s = 4, L0 = 128",
+)
+def rope_llama3(config, factor: float = FACTOR, train_len: int = TRAIN_LEN, low_freq_factor: float = 1.0,
+                high_freq_factor: float = 4.0, base: float = 10000.0, warp="linear", warp_options=None):
+    return _scaled(config, base, warp, warp_options, rope_type="llama3", factor=float(factor),
+                   original_max_position_embeddings=int(train_len), low_freq_factor=float(low_freq_factor),
+                   high_freq_factor=float(high_freq_factor))
+
+
+@register_encoding(
+    "p_rope",
+    "p-RoPE (Barbero et al. 2024), theta = omega_k * i for the highest-frequency fraction p = 0.75 of pairs, "
+    "0 for the rest",
+)
+def p_rope(config, p: float = 0.75, base: float = 10000.0, warp="linear", warp_options=None):
+    return Rotary(head_dim(config), base=base, warp=warp, warp_options=warp_options, p=float(p))
+
+
+@register_encoding(
+    "rope_multiaxis",
+    "multi-axis RoPE, theta_k = omega_k * f_a(i_a), pair k on axis a (local, slot, module, pc), "
+    "sections (Qwen2-VL M-RoPE, Wang et al. 2024) or interleaved (Qwen3-VL 2025)",
+)
+def rope_multiaxis(config, axes=("local",), warps="linear", sections=None, layout: str = "sections",
+                   base: float = 10000.0, warp_options=None):
+    return MultiAxisRotary(head_dim(config), axes=axes, warps=warps, sections=sections, layout=layout,
+                           base=base, warp_options=warp_options)
