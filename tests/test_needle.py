@@ -19,7 +19,7 @@ from mempos.experiments.evaluate import perplexity
 from mempos.experiments.needle import build_data
 from mempos.experiments.presets import PRESETS
 
-OUTPUTS = ["config.json", "metrics.json", "curves.npz", "entropy_vs_position.png", "report.md",
+OUTPUTS = ["config.json", "metrics.json", "curves.npz", "entropy_vs_position.png", "length_sweep.png", "report.md",
            "rope.pt", "si_rope.pt", "tokenizer/tokenizer.json"]
 
 
@@ -49,6 +49,15 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert (smoke_run / "entropy_vs_position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (smoke_run / "report.md").read_text()
     assert "| rope |" in report and "(1 + j)/(1 + i)" in report or "(1+j)/(1+i)" in report
+    sweep = metrics["sweep"]
+    assert sweep["lengths"] == smoke.sweep_lens and sweep["seeds"] == [0]
+    for name in ("rope", "si_rope"):
+        for length in smoke.sweep_lens:
+            figures = sweep["results"][name][str(length)]
+            assert len(figures["ppl"]) == 1 and np.isfinite(figures["ppl"][0]) and 0 < figures["entropy_norm"][0] <= 1
+    # the sweep at the training length reads the same tokens as the detailed evaluation
+    assert sweep["results"]["rope"]["32"]["ppl"][0] == pytest.approx(metrics["variants"]["rope"]["ppl_32"], rel=1e-9)
+    assert "## Length sweep" in report
     config = json.loads((smoke_run / "config.json").read_text())
     assert config["train_len"] == 32 and config["encodings"] == ["rope", "si_rope"]
 
@@ -102,6 +111,9 @@ def bad_inputs(tmp: Path):
         "zero training length": (["--train-len", "0"], "--train-len must be at least 1"),
         "negative eval length": (["--eval-len", "-4"], "--eval-len"),
         "not a number": (["--train-len", "ten"], "invalid int value"),
+        "repeated seed": (["--seeds", "1,1"], "--seeds must name distinct seeds"),
+        "bad seed list": (["--seeds", "one"], "--seeds takes comma-separated whole numbers"),
+        "sweep length 0": (["--sweep-lens", "0,128"], "--sweep-lens"),
     }
 
 

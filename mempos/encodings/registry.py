@@ -7,6 +7,7 @@ that keeps GPT-2's own learned absolute positions.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,6 +54,14 @@ def si_rope(config, base: float = 10000.0):
     return Rotary(head_dim(config), base=base, warp="log1p")
 
 
+def length_options(name: str, train_len: int, eval_len: int) -> dict:
+    """The options that tie a named encoding to a run's lengths: `train_len` (the original length
+    of a schedule) and `factor` = eval_len / train_len, for the builders that take them."""
+    parameters = inspect.signature(get_encoding(name).build).parameters
+    options = {"train_len": train_len, "factor": eval_len / train_len}
+    return {key: value for key, value in options.items() if key in parameters}
+
+
 def get_encoding(name: str) -> EncodingSpec:
     try:
         return ENCODINGS[name]
@@ -62,8 +71,8 @@ def get_encoding(name: str) -> EncodingSpec:
 
 # ---- warps, frequency schedules, p-RoPE, multi-axis ------------------------------------
 # Schedules come from transformers' ROPE_INIT_FUNCTIONS (see rotary.py). Where a method needs
-# a factor and a training length, the defaults are the needle experiment's: train at
-# TRAIN_LEN = 128 tokens, evaluate at 4x, so factor = eval_len / train_len = 4. Every schedule
+# a factor and a training length, experiments pass their own (`length_options`); the defaults
+# are the needle experiment's: train at TRAIN_LEN = 128 tokens, evaluate at 4x, factor 4. Every schedule
 # takes `warp` (and `warp_options`) too: it changes the frequencies, the warp the positions.
 
 from .multiaxis import MultiAxisRotary  # noqa: E402
@@ -94,7 +103,7 @@ def rope_spline(config, init: str = "log1p", n_knots: int = 16, base: float = 10
 
 @register_encoding(
     "rope_linear_pi",
-    "position interpolation (Chen et al. 2023), theta = omega_k * i / s, s = 4 (transformers 'linear')",
+    "position interpolation (Chen et al. 2023), theta = omega_k * i / s, s = eval/train length (transformers 'linear')",
 )
 def rope_linear_pi(config, factor: float = FACTOR, base: float = 10000.0, warp="linear", warp_options=None):
     return _scaled(config, base, warp, warp_options, rope_type="linear", factor=float(factor))
@@ -103,7 +112,7 @@ def rope_linear_pi(config, factor: float = FACTOR, base: float = 10000.0, warp="
 @register_encoding(
     "rope_ntk",
     "dynamic NTK (bloc97, emozilla 2023), base*(s*L/L0 - s + 1)^(d/(d-2)) for call length L > L0, "
-    "s = 4, L0 = 128 (transformers 'dynamic')",
+    "L0 = train length, s = eval/train length (transformers 'dynamic')",
 )
 def rope_ntk(config, factor: float = FACTOR, train_len: int = TRAIN_LEN, length: int | None = None,
              base: float = 10000.0, warp="linear", warp_options=None):
@@ -117,7 +126,7 @@ def rope_ntk(config, factor: float = FACTOR, train_len: int = TRAIN_LEN, length:
 @register_encoding(
     "rope_yarn",
     "YaRN (Peng et al. 2023), omega_k/s -> omega_k ramped by rotations in L0 (1..32), cos/sin x (0.1 ln s + 1), "
-    "s = 4, L0 = 128",
+    "L0 = train length, s = eval/train length",
 )
 def rope_yarn(config, factor: float = FACTOR, train_len: int = TRAIN_LEN, beta_fast: float = 32.0,
               beta_slow: float = 1.0, base: float = 10000.0, warp="linear", warp_options=None):
@@ -129,7 +138,7 @@ def rope_yarn(config, factor: float = FACTOR, train_len: int = TRAIN_LEN, beta_f
 @register_encoding(
     "rope_llama3",
     "Llama 3.1 scaling (Meta 2024), omega_k/s for wavelengths > L0/1, omega_k below L0/4, smooth between, "
-    "s = 4, L0 = 128",
+    "L0 = train length, s = eval/train length",
 )
 def rope_llama3(config, factor: float = FACTOR, train_len: int = TRAIN_LEN, low_freq_factor: float = 1.0,
                 high_freq_factor: float = 4.0, base: float = 10000.0, warp="linear", warp_options=None):

@@ -24,7 +24,8 @@ class Parser(argparse.ArgumentParser):
 def encodings_help() -> str:
     from ..encodings import ENCODINGS
 
-    return "\n".join(f"  {spec.name:<10} {spec.summary}" for spec in ENCODINGS.values())
+    width = max(map(len, ENCODINGS))
+    return "\n".join(f"  {spec.name:<{width}}  {spec.summary}" for spec in ENCODINGS.values())
 
 
 def add_needle(sub) -> None:
@@ -48,7 +49,7 @@ def add_needle(sub) -> None:
                    help="starting configuration: smoke, tiny (default) or seed; any option below overrides it")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/needle-<preset>); must be empty or new")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
-    p.add_argument("--encodings", metavar="A,B", help="comma-separated encodings to compare (see below)")
+    p.add_argument("--encodings", metavar="A,B", help="comma-separated encodings to compare (see below), or 'all'")
     p.add_argument("--model", metavar="ID|DIR",
                    help="GPT-2-family hub id (e.g. distilgpt2) or save_pretrained folder; "
                         "'scratch' for the embedded small GPT-2 trained from scratch (tiny/smoke default)")
@@ -58,6 +59,10 @@ def add_needle(sub) -> None:
     p.add_argument("--train-len", type=int, metavar="N", help="training context length in tokens (default 128)")
     p.add_argument("--eval-len", type=int, metavar="N", help="evaluation length in tokens (default 512)")
     p.add_argument("--seed", type=int, metavar="N", help="seed for weights, data order and needles (default 0)")
+    p.add_argument("--seeds", metavar="A,B", help="train every encoding once per seed (e.g. 0,1,2); "
+                   "the sweep reports mean and spread; detailed curves come from the first seed")
+    p.add_argument("--sweep-lens", metavar="A,B", help="evaluation lengths of the sweep (default 128,256,512,1024; "
+                   "'none' to skip)")
     p.add_argument("--epochs", type=float, metavar="X", help="training epochs (may be fractional)")
     p.add_argument("--lr", type=float, metavar="X", help="peak learning rate")
     p.add_argument("--batch-size", type=int, metavar="N", help="training batch size (default 8)")
@@ -90,12 +95,27 @@ def run_needle_command(args) -> None:
     changes = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
     if args.encodings is not None:
         changes["encodings"] = [e.strip() for e in args.encodings.split(",") if e.strip()]
+        if changes["encodings"] == ["all"]:
+            from ..encodings import ENCODINGS
+
+            changes["encodings"] = list(ENCODINGS)
+    if args.seeds is not None:
+        changes["seeds"] = int_list(args.seeds, "--seeds")
+    if args.sweep_lens is not None:
+        changes["sweep_lens"] = [] if args.sweep_lens.strip().lower() == "none" else int_list(args.sweep_lens, "--sweep-lens")
     if args.max_train_chunks is not None:
         changes["max_train_chunks"] = args.max_train_chunks or None
     if changes.get("model") == "scratch":
         changes["model"] = None
     cfg = PRESETS[args.preset].replace(**changes, wandb=args.wandb)
     run_needle(cfg, command=shlex.join(["mempos", *args.argv]), overwrite=args.overwrite)
+
+
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated whole numbers, got {text!r}") from None
 
 
 def build_parser() -> Parser:

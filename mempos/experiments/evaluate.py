@@ -303,3 +303,32 @@ def evaluate_variant(
     scalars.update(generated)
     curves.update(generated_curves)
     return scalars, curves
+
+
+def length_sweep(
+    model, eval_text_ids: torch.Tensor, lengths: Sequence[int], train_len: int, batch_size: int,
+    entropy_sequences: int = 4, progress: Progress = None,
+) -> dict[int, dict[str, float]]:
+    """Perplexity and mean normalised attention entropy at each evaluation length.
+
+    Every length reads the same tokens (the held-out ids cut to whole chunks
+    of the longest length), so differences come from context length alone.
+    Entropy uses the first `entropy_sequences` chunks of each length; its
+    mean is over all layers, heads and query positions >= 1, and beyond the
+    training window over positions >= train_len.
+    """
+    say = progress or (lambda message: None)
+    longest = max(lengths)
+    check_length_supported(model, longest)
+    tokens = chunk_tokens(eval_text_ids, longest).reshape(-1)
+    results = {}
+    for length in sorted(lengths):
+        say(f"sweep at {length} tokens")
+        chunks = chunk_tokens(tokens, length)
+        normalised = attention_entropy_curves(model, chunks[:entropy_sequences], batch_size)["normalised"]
+        results[length] = {
+            "ppl": perplexity(model, chunks, batch_size),
+            "entropy_norm": nanmean(normalised),
+            "entropy_norm_beyond": nanmean(normalised[..., train_len:]),
+        }
+    return results

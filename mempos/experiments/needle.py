@@ -24,11 +24,13 @@ from accelerate.utils import set_seed
 from ..checkpoint import save_checkpoint
 from ..data import chunk_tokens, inject_needles, load_text
 from ..encodings import ENCODINGS, apply_encoding
+from ..encodings.registry import length_options
+from ..encodings.path import DRIFT_FALSIFIER, path_encodings, transform_drift
 from ..errors import UsageError
 from ..io import atomic_path, write_json
 from ..models import encode, load_pretrained, small_gpt2, train_tokenizer
-from .evaluate import evaluate_variant
-from .report import plot_entropy, write_report
+from .evaluate import evaluate_variant, length_sweep
+from .report import plot_entropy, plot_sweep, write_report
 from .train import make_accelerator, train_lm
 
 
@@ -61,6 +63,10 @@ def validate(cfg) -> None:
         raise UsageError("--epochs and --lr must be positive")
     if not cfg.needle.strip():
         raise UsageError("--needle must not be empty")
+    if any(length < 2 for length in cfg.sweep_lens):
+        raise UsageError("--sweep-lens must be lengths of at least 2 tokens")
+    if cfg.seeds is not None and (not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds)):
+        raise UsageError("--seeds must name distinct seeds")
     if cfg.prompt_len is not None and not 1 <= cfg.prompt_len < cfg.eval_len:
         raise UsageError(f"--prompt-len must be between 1 and eval length - 1 ({cfg.eval_len - 1})")
 
@@ -80,14 +86,12 @@ def load_model(cfg, corpus):
         model, tokenizer = load_pretrained(cfg.model)
     else:
         tokenizer = train_tokenizer(corpus.train, cfg.vocab_size)
-        model = small_gpt2(
-            len(tokenizer), n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-            n_positions=max(1024, cfg.eval_len), seed=cfg.seed,
-        )
-    if "learned" in cfg.encodings and cfg.eval_len > model.config.n_positions:
+        model = fresh_model(cfg, tokenizer, cfg.seed)
+    longest = max(cfg.eval_len, *cfg.sweep_lens)
+    if "learned" in cfg.encodings and longest > model.config.n_positions:
         raise UsageError(
             f"the learned control has {model.config.n_positions} positions; "
-            f"--eval-len {cfg.eval_len} needs a rotary encoding"
+            f"evaluating at {longest} tokens needs a rotary encoding"
         )
     return model, tokenizer
 
@@ -111,15 +115,18 @@ def build_data(cfg, corpus, tokenizer) -> NeedleData:
 
 def run_needle(cfg, command: str = "", overwrite: bool = False) -> dict:
     validate(cfg)
+    seeds = cfg.seeds or [cfg.seed]
+    cfg = cfg.replace(seed=seeds[0], seeds=seeds)
     accelerator = make_accelerator(cfg.mixed_precision, log_with="wandb" if cfg.wandb else None)
     main = accelerator.is_main_process
     # only the main process writes, so only it asks whether the folder is free
     out = output_folder(cfg, overwrite or not main)
-    set_seed(cfg.seed)
     # read data and model first: every user error surfaces before anything is written
     corpus = load_text(cfg.data)
     base_model, tokenizer = load_model(cfg, corpus)
     data = build_data(cfg, corpus, tokenizer)
+    if cfg.sweep_lens and max(cfg.sweep_lens) > len(data.eval_ids):
+        raise UsageError(f"the held-out text has {len(data.eval_ids)} tokens, fewer than the longest sweep length")
     resolved = dataclasses.asdict(cfg) | {
         "out": str(out),
         "prompt_len": cfg.prompt_len or cfg.train_len,
@@ -130,6 +137,7 @@ def run_needle(cfg, command: str = "", overwrite: bool = False) -> dict:
         "command": command,
         "config": resolved,
         "data": {
+            "corpus": corpus.name,
             "train_contexts": len(data.train_chunks),
             "train_tokens": data.train_chunks.numel(),
             "needles": [dataclasses.asdict(r) for r in data.train_needles],
@@ -141,6 +149,7 @@ def run_needle(cfg, command: str = "", overwrite: bool = False) -> dict:
             "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         },
         "variants": {},
+        "sweep": {"lengths": sorted(cfg.sweep_lens), "seeds": seeds, "results": {}},
     }
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -151,38 +160,78 @@ def run_needle(cfg, command: str = "", overwrite: bool = False) -> dict:
             "mempos-needle", config=resolved, init_kwargs={"wandb": {"mode": "offline", "dir": str(out)}}
         )
     curves: dict[str, np.ndarray] = {}
-    for name in cfg.encodings:
-        set_seed(cfg.seed)
-        model = apply_encoding(copy.deepcopy(base_model), name)
-        summary = train_lm(model, data.train_chunks, cfg, accelerator, label=name)
-        model = model.to(accelerator.device)
-        if main:
-            scalars, variant_curves = evaluate_variant(
-                model,
-                eval_text_ids=data.eval_ids,
-                needle_chunks=data.needle_chunks,
-                needle_records=data.needle_records,
-                train_len=cfg.train_len,
-                eval_len=cfg.eval_len,
-                batch_size=cfg.eval_batch_size,
-                n_generate=cfg.generate_sequences,
-                prompt_len=cfg.prompt_len or cfg.train_len,
-                progress=lambda line, name=name: accelerator.print(f"[{name}] {line}"),
-            )
-            metrics["variants"][name] = scalars | {"train": summary}
-            curves |= {f"{name}/{key}": value for key, value in variant_curves.items()}
-            save_checkpoint(out / f"{name}.pt", model, tokenizer, encoding=name, config=resolved, metrics=scalars)
-            # written after every variant, so a killed run keeps what it finished
-            write_json(out / "metrics.json", metrics)
-            save_curves(out / "curves.npz", curves)
-        accelerator.wait_for_everyone()
+    for seed in seeds:
+        run_cfg = cfg.replace(seed=seed)
+        if seed != seeds[0]:  # new initial weights (from scratch), data order and needle places
+            base_model = base_model if cfg.model else fresh_model(cfg, tokenizer, seed)
+            data = build_data(run_cfg, corpus, tokenizer)
+        for name in cfg.encodings:
+            set_seed(seed)
+            label = name if len(seeds) == 1 else f"{name} seed {seed}"
+            model = apply_encoding(copy.deepcopy(base_model), name, **length_options(name, cfg.train_len, cfg.eval_len))
+            summary = train_lm(model, data.train_chunks, run_cfg, accelerator, label=label)
+            model = model.to(accelerator.device)
+            if main:
+                say = lambda line, label=label: accelerator.print(f"[{label}] {line}")  # noqa: E731
+                scalars = {}
+                if seed == seeds[0]:  # the detailed evaluation, on the first seed
+                    scalars, variant_curves = evaluate_variant(
+                        model,
+                        eval_text_ids=data.eval_ids,
+                        needle_chunks=data.needle_chunks,
+                        needle_records=data.needle_records,
+                        train_len=cfg.train_len,
+                        eval_len=cfg.eval_len,
+                        batch_size=cfg.eval_batch_size,
+                        n_generate=cfg.generate_sequences,
+                        prompt_len=cfg.prompt_len or cfg.train_len,
+                        progress=say,
+                    )
+                    scalars |= path_drift(model, data, cfg)
+                    metrics["variants"][name] = scalars | {"train": summary}
+                    curves |= {f"{name}/{key}": value for key, value in variant_curves.items()}
+                    save_curves(out / "curves.npz", curves)
+                if cfg.sweep_lens:
+                    sweep = length_sweep(model, data.eval_ids, cfg.sweep_lens, cfg.train_len, cfg.eval_batch_size, progress=say)
+                    record_sweep(metrics["sweep"]["results"].setdefault(name, {}), sweep, summary)
+                stem = name if seed == seeds[0] else f"{name}-seed{seed}"
+                save_checkpoint(out / f"{stem}.pt", model, tokenizer, encoding=name, seed=seed, config=resolved, metrics=scalars)
+                # written after every variant, so a killed run keeps what it finished
+                write_json(out / "metrics.json", metrics)
+            accelerator.wait_for_everyone()
     if main:
         by_variant = {name: {k.split("/", 1)[1]: v for k, v in curves.items() if k.startswith(name + "/")} for name in cfg.encodings}
         plot_entropy(by_variant, cfg.train_len, out / "entropy_vs_position.png")
+        if cfg.sweep_lens:
+            plot_sweep(metrics["sweep"], cfg.train_len, out / "length_sweep.png")
         write_report(metrics, out / "report.md")
-    accelerator.print(f"wrote {out}: report.md, metrics.json, entropy_vs_position.png, {len(cfg.encodings)} checkpoints")
+    accelerator.print(f"wrote {out}: report.md, metrics.json, plots and {len(cfg.encodings) * len(seeds)} checkpoints")
     accelerator.end_training()
     return metrics
+
+
+def fresh_model(cfg, tokenizer, seed: int):
+    return small_gpt2(
+        len(tokenizer), n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+        n_positions=max(1024, cfg.eval_len, *cfg.sweep_lens), seed=seed,
+    )
+
+
+def path_drift(model, data: NeedleData, cfg) -> dict:
+    """For PaTH: how far the accumulated transforms move beyond the training length."""
+    if not path_encodings(model):
+        return {}
+    drift = transform_drift(model, data.needle_chunks, cfg.train_len, cfg.eval_len, batch_size=cfg.eval_batch_size)
+    return {"path_drift": drift.mean, "path_drift_per_layer": drift.per_layer, "path_drift_falsifier": DRIFT_FALSIFIER}
+
+
+def record_sweep(results: dict, sweep: dict, summary: dict) -> None:
+    """Append one seed's figures to the per-length lists."""
+    for length, figures in sweep.items():
+        slot = results.setdefault(str(length), {})
+        for key, value in figures.items():
+            slot.setdefault(key, []).append(value)
+    results.setdefault("final_loss", []).append(summary["final_loss"])
 
 
 def save_curves(path: Path, curves: dict) -> None:

@@ -19,6 +19,8 @@ class NeedleConfig:
     train_len: int = 128
     eval_len: int = 512
     seed: int = 0
+    seeds: list[int] | None = None  # several seeds: every variant trains once per seed (None: [seed])
+    sweep_lens: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])  # [] skips the sweep
     # training (the seed recipe's values; presets change what they must)
     epochs: float = 3.0
     batch_size: int = 8
@@ -54,7 +56,7 @@ PRESETS: dict[str, NeedleConfig] = {
     "smoke": NeedleConfig(
         preset="smoke", encodings=["rope", "si_rope"], train_len=32, eval_len=128, epochs=1,
         lr=3e-3, warmup_ratio=0.1, max_train_chunks=96, vocab_size=512, n_layer=2, n_head=2,
-        n_embd=32, eval_sequences=4, needle_sequences=4, generate_sequences=2,
+        n_embd=32, eval_sequences=4, needle_sequences=4, generate_sequences=2, sweep_lens=[32, 64, 128],
         needle_every=8,
     ),
     # The embedded default: a small GPT-2 trained from scratch on 2 CPU cores in minutes.

@@ -38,6 +38,11 @@ LOG_WARP_NOTE = (
 )
 
 
+def variant_colour(index: int):
+    """By variant order, so colours agree across panels and plots; 20 distinct ones."""
+    return plt.get_cmap("tab20")(index % 20)
+
+
 def layer_head_curves(curve) -> np.ndarray:
     """(layers, heads, T) -> (layers * heads, T): one row per attention head."""
     values = np.asarray(curve, dtype=np.float64)
@@ -49,7 +54,7 @@ def draw_panel(ax, curves_by_variant: dict[str, dict], key: str, train_len: int)
     for index, (name, curves) in enumerate(curves_by_variant.items()):
         if key not in curves:
             continue
-        colour = plt.get_cmap("tab10")(index % 10)  # by variant order, so colours agree across panels
+        colour = variant_colour(index)
         rows = layer_head_curves(curves[key])
         start = 0 if key == "raw" else 1  # normalised entropy is undefined at position 0
         x = np.arange(start, rows.shape[1])
@@ -311,13 +316,91 @@ def config_table(config: dict) -> str:
                                         for key, value in config.items()])
 
 
+def mean_spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for a single seed)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def plus_minus(values: Sequence[float]) -> str:
+    mean, spread = mean_spread(values)
+    return f"{fmt(mean)} ± {fmt(spread)}" if len(values) > 1 else fmt(mean)
+
+
+def plot_sweep(sweep: dict, train_len: int, path) -> None:
+    """length_sweep.png: perplexity and normalised entropy against evaluation length, every encoding
+    on one figure; points are means over seeds, error bars one standard deviation."""
+    lengths = sweep["lengths"]
+    panels = (("ppl", "perplexity (log scale)"), ("entropy_norm", "mean normalised attention entropy"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, (key, label) in zip(axes, panels):
+        for index, (name, results) in enumerate(sweep["results"].items()):
+            stats = [mean_spread(results[str(length)][key]) for length in lengths]
+            ax.errorbar(lengths, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", ms=3,
+                        lw=1.3, capsize=2, color=variant_colour(index), label=name)
+        ax.axvline(train_len, color="black", ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(length) for length in lengths])
+        ax.set_xlabel("evaluation length (tokens); dashed: training length")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].set_ylim(0, 1.05)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), frameon=False)
+    seeds = sweep["seeds"]
+    fig.suptitle(f"Length sweep: mean over {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (error bars: ±1 sd)")
+    fig.tight_layout(rect=(0, 0.1 + 0.04 * (len(labels) // 8), 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def sweep_blocks(sweep: dict, train_len: int) -> list[str]:
+    """Tables of the length sweep (mean ± sd over seeds) and a ranking at the longest length."""
+    lengths, results, seeds = sweep["lengths"], sweep["results"], sweep["seeds"]
+    if not lengths or not results:
+        return []
+    header = ["encoding"] + [str(length) for length in lengths]
+    longest = lengths[-1]
+    ranked = sorted(results, key=lambda name: mean_spread(results[name][str(longest)]["ppl"])[0])
+    best = ranked[0]
+    return [
+        "## Length sweep",
+        f"Every encoding trained at {train_len} tokens and evaluated on the same held-out tokens cut to each "
+        f"length; mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}.",
+        "![perplexity and entropy against evaluation length](length_sweep.png)",
+        "### Perplexity",
+        table(header, [[name] + [plus_minus(results[name][str(length)]["ppl"]) for length in lengths] for name in results]),
+        "### Mean normalised attention entropy (all query positions)",
+        table(header, [[name] + [plus_minus(results[name][str(length)]["entropy_norm"]) for length in lengths]
+                       for name in results]),
+        f"At {longest} tokens the lowest mean perplexity is {best}'s "
+        f"({fmt(mean_spread(results[best][str(longest)]['ppl'])[0])}); ranked: {', '.join(ranked)}.",
+    ]
+
+
+def drift_sentences(variants: dict[str, dict]) -> list[str]:
+    """PaTH's transform drift against its falsifier threshold."""
+    sentences = []
+    for name, s in variants.items():
+        if "path_drift" in s:
+            drift, limit = float(s["path_drift"]), float(s["path_drift_falsifier"])
+            verdict = "above" if drift > limit else "at or below"
+            sentences.append(
+                f"{name}: angular variance of the accumulated transforms beyond the training length against "
+                f"their direction at it is {fmt(drift)} rad², {verdict} the falsifier threshold {fmt(limit)}."
+            )
+    return sentences
+
+
 def write_report(metrics: dict, path, plot_name: str = "entropy_vs_position.png") -> None:
     """report.md: command, config, result tables, the plot and a computed interpretation."""
     config, variants = metrics["config"], metrics["variants"]
     train_len, eval_len = config["train_len"], config["eval_len"]
     interpretation = (
         perplexity_sentences(variants, train_len, eval_len) + entropy_sentences(variants, train_len)
-        + needle_sentences(variants) + generation_sentences(variants)
+        + needle_sentences(variants) + generation_sentences(variants) + drift_sentences(variants)
     )
     blocks = [
         "# Needle experiment: length extrapolation and attention entropy",
@@ -332,6 +415,7 @@ def write_report(metrics: dict, path, plot_name: str = "entropy_vs_position.png"
         f"![attention entropy against query position]({plot_name})",
         f"Lines are means over all layer × head curves, bands their {BAND[0]}th–{BAND[1]}th percentiles; "
         "the dashed line marks the training length. Nothing is smoothed.",
+        *sweep_blocks(metrics.get("sweep") or {"lengths": [], "results": {}, "seeds": []}, train_len),
         "## Interpretation",
         "Computed from the numbers above.",
         "\n".join(f"- {sentence}" for sentence in interpretation),
