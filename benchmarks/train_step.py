@@ -1,5 +1,5 @@
 """Train-step time (forward + backward) of each encoding relative to GPT-2's own
-learned positions with sdpa, measured in one process.
+learned positions with sdpa, and to plain RoPE, measured in one process.
 
     python benchmarks/train_step.py                   # tiny config
     python benchmarks/train_step.py --size distilgpt2 # distilgpt2-sized config
@@ -55,13 +55,15 @@ def main() -> None:
     for _ in range(args.rounds):
         for name in names:
             times[name].append(step_time(models[name], ids))
-    base = statistics.median(times["learned"])
+    medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"train step, {args.size} config, batch {args.batch} x {args.length}, "
           f"{torch.get_num_threads()} threads, median of {args.rounds} rounds")
-    print(f"{'encoding':<10} {'median s':>9} {'min s':>8} {'ratio vs learned':>17}")
+    width = max(map(len, names))
+    print(f"{'encoding':<{width}} {'median s':>9} {'min s':>8} {'vs learned':>11} {'vs rope':>8}")
     for name in names:
-        med = statistics.median(times[name])
-        print(f"{name:<10} {med:9.3f} {min(times[name]):8.3f} {med / base:17.3f}")
+        vs_learned = f"{medians[name] / medians['learned']:11.3f}" if "learned" in medians else f"{'':>11}"
+        vs_rope = f"{medians[name] / medians['rope']:8.3f}" if "rope" in medians else f"{'':>8}"
+        print(f"{name:<{width}} {medians[name]:9.3f} {min(times[name]):8.3f} {vs_learned} {vs_rope}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,16 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from mempos.encodings import apply_encoding  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The test models are tiny: one intra-op thread is as fast, and on a loaded 2-core
+    machine torch's default pool oversubscribes and runs them many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def make_model():
     """A tiny GPT-2 with the named encoding, deterministic per seed, in eval mode."""

@@ -12,16 +12,6 @@ from mempos.encodings import ENCODINGS, eager_attention
 from mempos.encodings.alibi import ALiBi, alibi_slopes  # importing registers "alibi"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On a loaded 2-core machine torch's default pool
-    oversubscribes and these tests run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_slopes_for_eight_heads_are_powers_of_one_half():
     assert alibi_slopes(8).tolist() == [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128, 1 / 256]
     # n a power of two: m_h = 2^(-8h/n)

@@ -33,16 +33,6 @@ NAMES = sorted(ENCODINGS)
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On a loaded 2-core machine torch's default pool
-    oversubscribes and these tests run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def hook(name: str, attribute: str):
     spec = mempos.encodings.get_encoding(name)
     found = getattr(spec, attribute, None)

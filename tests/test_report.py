@@ -133,3 +133,25 @@ def test_single_variant_and_missing_numbers(tmp_path):
     assert "learned: perplexity falls by 4 (-10.0%) from 40 at 128 tokens to 36 at 512 (ratio 0.900)" in text
     assert "learned: no normalised entropy beyond position 128 was measured." in text
     assert "n/a" in text
+
+
+def test_sweep_table_gives_mean_and_sample_sd_over_seeds(tmp_path):
+    from mempos.experiments.report import plot_sweep, sweep_blocks
+
+    sweep = {
+        "lengths": [128, 512],
+        "seeds": [0, 1],
+        "results": {
+            "rope": {"128": {"ppl": [10.0, 12.0], "entropy_norm": [0.5, 0.7]},
+                     "512": {"ppl": [30.0, 34.0], "entropy_norm": [0.6, 0.6]}},
+            "si_rope": {"128": {"ppl": [11.0, 11.0], "entropy_norm": [0.5, 0.5]},
+                        "512": {"ppl": [20.0, 22.0], "entropy_norm": [0.55, 0.65]}},
+        },
+    }
+    text = "\n".join(sweep_blocks(sweep, train_len=128))
+    # mean 11, sample sd sqrt(((10-11)^2 + (12-11)^2) / 1) = 1.414
+    assert "| rope | 11 ± 1.414 | 32 ± 2.828 |" in text
+    assert "| si_rope | 11 ± 0 | 21 ± 1.414 |" in text
+    assert "lowest mean perplexity is si_rope's (21); ranked: si_rope, rope" in text
+    plot_sweep(sweep, 128, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -14,16 +14,6 @@ from mempos.encodings.scale_invariant import (  # importing registers "scale_inv
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On a loaded 2-core machine torch's default pool
-    oversubscribes and these tests run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_coefficients_by_hand():
     a, m = scale_invariant_coefficients(torch.tensor([0.0, 10.0, 90.0]), tau=10.0)
     # t = 0:  log(0/10 + 1) = 0        -> a = 1,                      m = 0

@@ -10,6 +10,7 @@ and one checkpoint per variant.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import dataclasses
 import platform
 import shutil
@@ -63,6 +64,8 @@ def validate(cfg) -> None:
         raise UsageError("--epochs and --lr must be positive")
     if not cfg.needle.strip():
         raise UsageError("--needle must not be empty")
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--wandb needs the wandb package: pip install 'mempos[wandb]'")
     if any(length < 2 for length in cfg.sweep_lens):
         raise UsageError("--sweep-lens must be lengths of at least 2 tokens")
     if cfg.seeds is not None and (not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds)):
@@ -87,7 +90,7 @@ def load_model(cfg, corpus):
     else:
         tokenizer = train_tokenizer(corpus.train, cfg.vocab_size)
         model = fresh_model(cfg, tokenizer, cfg.seed)
-    longest = max(cfg.eval_len, *cfg.sweep_lens)
+    longest = max([cfg.eval_len, *cfg.sweep_lens])
     if "learned" in cfg.encodings and longest > model.config.n_positions:
         raise UsageError(
             f"the learned control has {model.config.n_positions} positions; "
@@ -213,7 +216,7 @@ def run_needle(cfg, command: str = "", overwrite: bool = False) -> dict:
 def fresh_model(cfg, tokenizer, seed: int):
     return small_gpt2(
         len(tokenizer), n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-        n_positions=max(1024, cfg.eval_len, *cfg.sweep_lens), seed=seed,
+        n_positions=max([1024, cfg.eval_len, *cfg.sweep_lens]), seed=seed,
     )
 
 
