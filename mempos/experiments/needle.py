@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import dataclasses
 import platform
 import shutil
@@ -203,14 +204,26 @@ def run_needle(cfg, command: str = "", overwrite: bool = False) -> dict:
                 write_json(out / "metrics.json", metrics)
             accelerator.wait_for_everyone()
     if main:
-        by_variant = {name: {k.split("/", 1)[1]: v for k, v in curves.items() if k.startswith(name + "/")} for name in cfg.encodings}
-        plot_entropy(by_variant, cfg.train_len, out / "entropy_vs_position.png")
-        if cfg.sweep_lens:
-            plot_sweep(metrics["sweep"], cfg.train_len, out / "length_sweep.png")
-        write_report(metrics, out / "report.md")
+        render(out)
     accelerator.print(f"wrote {out}: report.md, metrics.json, plots and {len(cfg.encodings) * len(seeds)} checkpoints")
     accelerator.end_training()
     return metrics
+
+
+def render(out: Path) -> None:
+    """Plots and report.md from a run folder's metrics.json and curves.npz (also after the fact)."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    train_len = metrics["config"]["train_len"]
+    with np.load(out / "curves.npz") as stored:
+        curves = {key: stored[key] for key in stored.files}
+    by_variant = {
+        name: {key.split("/", 1)[1]: value for key, value in curves.items() if key.startswith(name + "/")}
+        for name in metrics["variants"]
+    }
+    plot_entropy(by_variant, train_len, out / "entropy_vs_position.png")
+    if metrics["sweep"]["lengths"]:
+        plot_sweep(metrics["sweep"], train_len, out / "length_sweep.png")
+    write_report(metrics, out / "report.md")
 
 
 def fresh_model(cfg, tokenizer, seed: int):

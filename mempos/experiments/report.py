@@ -39,8 +39,9 @@ LOG_WARP_NOTE = (
 
 
 def variant_colour(index: int):
-    """By variant order, so colours agree across panels and plots; 20 distinct ones."""
-    return plt.get_cmap("tab20")(index % 20)
+    """By variant order, so colours agree across panels and plots: tab20's ten strong hues
+    first, then their light partners (tab20 pairs each hue with a lighter one)."""
+    return plt.get_cmap("tab20")((2 * index + (index // 10) % 2) % 20)
 
 
 def layer_head_curves(curve) -> np.ndarray:
