@@ -36,7 +36,10 @@ def save_checkpoint(path, model, tokenizer, **meta) -> None:
         "meta": meta,
     }
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as err:  # torch reports a full disk this way
+            raise OSError(f"cannot write checkpoint {path}: {' '.join(str(err).split())[:200]}") from err
 
 
 def load_checkpoint(path, device: str | torch.device = "cpu"):

@@ -186,7 +186,7 @@ def load_wikitext() -> Corpus:
             why = "offline mode is set (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline_env else "no network"
             raise UsageError(
                 f"cannot reach the Hugging Face hub for dataset wikitext-2-raw-v1 ({why}) and it is not "
-                "cached: pass --data PATH to a local text file or folder, or omit --data for the embedded corpus"
+                "cached: pass --data PATH to a local text file or folder, or --data embedded for the embedded corpus"
             )
         try:
             splits = datasets.load_dataset("wikitext", "wikitext-2-raw-v1")

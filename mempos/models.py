@@ -61,7 +61,7 @@ def load_pretrained(name_or_path: str) -> tuple[GPT2LMHeadModel, PreTrainedToken
         why = "offline mode is set (HF_HUB_OFFLINE)" if is_offline_mode() else "no network"
         raise UsageError(
             f"cannot reach the Hugging Face hub for model {name_or_path!r} ({why}) and it is not cached: "
-            "pass --model a local save_pretrained folder, or omit --model for the embedded small GPT-2"
+            "pass --model a local save_pretrained folder, or --model scratch for the embedded small GPT-2"
         )
     return _load_or_explain(name_or_path, local_files_only=False)
 
@@ -84,6 +84,8 @@ def _load(source: str, local_files_only: bool) -> tuple[GPT2LMHeadModel, PreTrai
             f"model {source!r} is of type {config.model_type!r}: only GPT-2-family models are supported"
         )
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    if len(tokenizer) < 2:  # transformers builds an empty tokenizer when the files are missing
+        raise UsageError(f"model {source!r} has no usable tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     model = AutoModelForCausalLM.from_pretrained(source, config=config, local_files_only=local_files_only)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

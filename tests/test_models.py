@@ -169,6 +169,6 @@ def test_unreachable_hub_model_fails_fast_naming_the_alternatives(monkeypatch, o
     monkeypatch.setattr(models, "is_offline_mode", lambda: offline)
     monkeypatch.setattr(models, "hub_reachable", lambda: False)
     start = time.monotonic()
-    with pytest.raises(UsageError, match=f"model 'mempos-test/not-a-model' \\({reason}.*--model .*omit --model"):
+    with pytest.raises(UsageError, match=f"model 'mempos-test/not-a-model' \\({reason}.*--model .*--model scratch"):
         load_pretrained("mempos-test/not-a-model")
     assert time.monotonic() - start < 10

@@ -92,6 +92,8 @@ def apply_encoding(model, name: str, **options):
     absolute positions and puts an encoding into every attention layer.
     """
     spec = get_encoding(name)
+    if name == "learned" and is_patched(model):
+        raise ValueError("this model's learned positions were already removed; load a fresh model for 'learned'")
     config = model.config
     encoding = spec.build(config, **options)
     setattr(config, CONFIG_KEY, {"name": name, "options": dict(options)})

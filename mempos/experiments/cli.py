@@ -38,8 +38,9 @@ def add_needle(sub) -> None:
             "Train one GPT-2 per position encoding on the same data, seed and order, then measure "
             "perplexity at the training and evaluation length, per-head attention entropy at every "
             "position, attention on injected needles and greedy continuations. Writes one folder: "
-            "config.json, metrics.json, curves.npz, entropy_vs_position.png, report.md, "
-            "<encoding>.pt checkpoints and the tokenizer."
+            "config.json, metrics.json, curves.npz, entropy_vs_position.png, length_sweep.png, "
+            "report.md, <encoding>.pt checkpoints and the tokenizer. Presets set their own defaults "
+            "(shown for tiny below); every option overrides its preset."
         ),
         epilog="encodings:\n" + encodings_help() + "\n\npresets:\n"
         + "\n".join(f"  {name:<7} {desc}" for name, desc in PRESET_HELP.items()),
@@ -129,15 +130,18 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # recorded in the run folder as the command that made it
     try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv  # recorded in the run folder as the command that made it
         args.run(args)
     except UsageError as err:
         print(f"mempos: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the disk, not the code: full, read-only, gone
+        print(f"mempos: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("mempos: interrupted; finished variants are in the output folder", file=sys.stderr)
+        print("mempos: interrupted; files already written are complete", file=sys.stderr)
         return 130
     return 0
 

@@ -10,11 +10,15 @@ and one checkpoint per variant.
 from __future__ import annotations
 
 import copy
+import math
+import os
+import importlib.metadata
 import importlib.util
 import json
 import dataclasses
 import platform
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,16 +63,28 @@ def validate(cfg) -> None:
     for name in ("train_len", "eval_len", "batch_size", "eval_batch_size", "needle_every"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.eval_len < cfg.train_len:
-        raise UsageError(f"--eval-len ({cfg.eval_len}) must not be shorter than --train-len ({cfg.train_len})")
-    if cfg.epochs <= 0 or cfg.lr <= 0:
-        raise UsageError("--epochs and --lr must be positive")
+    if cfg.eval_len <= (cfg.prompt_len or cfg.train_len):
+        raise UsageError(
+            f"--eval-len ({cfg.eval_len}) must be longer than --train-len ({cfg.train_len}): "
+            "continuations start from a training-length prompt"
+        )
+    for name in ("epochs", "lr"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name} must be a positive finite number, got {value}")
+    if cfg.max_train_chunks is not None and cfg.max_train_chunks < 0:
+        raise UsageError(f"--max-train-chunks must be 0 (all) or more, got {cfg.max_train_chunks}")
+    for seed in [cfg.seed, *(cfg.seeds or [])]:
+        if not 0 <= seed < 2**32:
+            raise UsageError(f"seeds must be between 0 and 2**32 - 1, got {seed}")
+    if cfg.out is not None and not str(cfg.out).strip():
+        raise UsageError("--out must not be empty")
     if not cfg.needle.strip():
         raise UsageError("--needle must not be empty")
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise UsageError("--wandb needs the wandb package: pip install 'mempos[wandb]'")
-    if any(length < 2 for length in cfg.sweep_lens):
-        raise UsageError("--sweep-lens must be lengths of at least 2 tokens")
+    if any(length < 2 for length in cfg.sweep_lens) or len(set(cfg.sweep_lens)) != len(cfg.sweep_lens):
+        raise UsageError("--sweep-lens must be distinct lengths of at least 2 tokens")
     if cfg.seeds is not None and (not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds)):
         raise UsageError("--seeds must name distinct seeds")
     if cfg.prompt_len is not None and not 1 <= cfg.prompt_len < cfg.eval_len:
@@ -76,12 +92,28 @@ def validate(cfg) -> None:
 
 
 def output_folder(cfg, overwrite: bool) -> Path:
+    """The run folder, checked before any work: it must be new, empty (or --overwrite) and writable."""
     out = Path(cfg.out or f"runs/needle-{cfg.preset}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--out {out} already holds files; choose another folder or pass --overwrite")
+    try:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise UsageError(f"--out {out} already holds files; choose another folder or pass --overwrite")
+        existing = next(parent for parent in [out, *out.absolute().parents] if parent.exists())
+    except OSError as err:  # a name too long, a component that is a file, ...
+        raise UsageError(f"--out {out} is not usable: {err.strerror or err}") from None
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out} cannot be created: {existing} is not a writable folder")
     return out
+
+
+def clear_outputs(out: Path) -> None:
+    """--overwrite: remove an earlier run's outputs, so the folder holds one run only."""
+    for path in out.iterdir():
+        if path.is_dir() and path.name in ("tokenizer", "wandb"):
+            shutil.rmtree(path)
+        elif path.suffix in (".pt", ".png", ".npz") or path.name in ("metrics.json", "config.json", "report.md"):
+            path.unlink()
 
 
 def load_model(cfg, corpus):
@@ -92,6 +124,8 @@ def load_model(cfg, corpus):
         tokenizer = train_tokenizer(corpus.train, cfg.vocab_size)
         model = fresh_model(cfg, tokenizer, cfg.seed)
     longest = max([cfg.eval_len, *cfg.sweep_lens])
+    if len(tokenizer) > model.config.vocab_size:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {model.config.vocab_size}")
     if "learned" in cfg.encodings and longest > model.config.n_positions:
         raise UsageError(
             f"the learned control has {model.config.n_positions} positions; "
@@ -130,7 +164,13 @@ def run_needle(cfg, command: str = "", overwrite: bool = False) -> dict:
     base_model, tokenizer = load_model(cfg, corpus)
     data = build_data(cfg, corpus, tokenizer)
     if cfg.sweep_lens and max(cfg.sweep_lens) > len(data.eval_ids):
-        raise UsageError(f"the held-out text has {len(data.eval_ids)} tokens, fewer than the longest sweep length")
+        raise UsageError(
+            f"the evaluation slice has {len(data.eval_ids)} tokens (eval_sequences x eval_len), "
+            f"fewer than the longest sweep length {max(cfg.sweep_lens)}; raise --eval-len or shorten --sweep-lens"
+        )
+    steps = round(len(data.train_chunks) * cfg.epochs) // cfg.batch_size
+    if steps < 1:
+        raise UsageError(f"{len(data.train_chunks)} training contexts x {cfg.epochs} epochs make no step of {cfg.batch_size}")
     resolved = dataclasses.asdict(cfg) | {
         "out": str(out),
         "prompt_len": cfg.prompt_len or cfg.train_len,
@@ -148,6 +188,7 @@ def run_needle(cfg, command: str = "", overwrite: bool = False) -> dict:
             "eval_tokens": len(data.eval_ids),
         },
         "environment": {
+            "mempos": code_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "device": str(accelerator.device),
             "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
@@ -156,6 +197,8 @@ def run_needle(cfg, command: str = "", overwrite: bool = False) -> dict:
         "sweep": {"lengths": sorted(cfg.sweep_lens), "seeds": seeds, "results": {}},
     }
     if main:
+        if out.is_dir() and overwrite:
+            clear_outputs(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"command": command, **resolved})
         save_tokenizer(tokenizer, out / "tokenizer")
@@ -224,6 +267,17 @@ def render(out: Path) -> None:
     if metrics["sweep"]["lengths"]:
         plot_sweep(metrics["sweep"], train_len, out / "length_sweep.png")
     write_report(metrics, out / "report.md")
+
+
+def code_version() -> str:
+    """mempos's version, with the git commit when running from a checkout."""
+    version = importlib.metadata.version("mempos")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
 
 
 def fresh_model(cfg, tokenizer, seed: int):

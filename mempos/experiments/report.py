@@ -21,6 +21,7 @@ from ..io import atomic_path, write_text  # noqa: E402
 from .evaluate import REPETITION_NGRAM  # noqa: E402
 
 BAND = (10, 90)  # percentiles across the layer x head curves drawn as the shaded band
+LEGEND_COLUMNS = 6
 TOLERANCE = 0.01  # relative changes (and differences of rates) smaller than this are reported as "about equal"
 
 PANELS = (
@@ -81,7 +82,8 @@ def shared_legend(fig, axes) -> None:
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             labelled.setdefault(label, handle)
-    fig.legend(labelled.values(), labelled.keys(), loc="lower center", ncol=len(labelled), frameon=False)
+    fig.legend(labelled.values(), labelled.keys(), loc="lower center", ncol=min(len(labelled), LEGEND_COLUMNS),
+               frameon=False)
 
 
 def plot_entropy(curves_by_variant: dict[str, dict], train_len: int, path) -> None:
@@ -107,7 +109,8 @@ def plot_entropy(curves_by_variant: dict[str, dict], train_len: int, path) -> No
         "Attention entropy vs query position "
         f"(line: mean over layers × heads; band: {low}th–{high}th percentile over heads; unsmoothed)"
     )
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    rows = -(-(len(curves_by_variant) + 3) // LEGEND_COLUMNS)  # variants plus the reference lines
+    fig.tight_layout(rect=(0, 0.03 + 0.05 * rows, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
@@ -345,7 +348,10 @@ def plot_sweep(sweep: dict, train_len: int, path) -> None:
         ax.set_xlabel("evaluation length (tokens); dashed: training length")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
+    finite = [v for results in sweep["results"].values() for length in lengths
+              for v in results[str(length)]["ppl"] if math.isfinite(v) and v > 0]
+    if finite:  # a diverged run has no finite perplexity to put on a log axis
+        axes[0].set_yscale("log")
     axes[1].set_ylim(0, 1.05)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), frameon=False)
@@ -377,8 +383,21 @@ def sweep_blocks(sweep: dict, train_len: int) -> list[str]:
         table(header, [[name] + [plus_minus(results[name][str(length)]["entropy_norm"]) for length in lengths]
                        for name in results]),
         f"At {longest} tokens the lowest mean perplexity is {best}'s "
-        f"({fmt(mean_spread(results[best][str(longest)]['ppl'])[0])}); ranked: {', '.join(ranked)}.",
+        f"({fmt(mean_spread(results[best][str(longest)]['ppl'])[0])}); ranked: {', '.join(ranked)}."
+        + gap_sentence(results, ranked, str(longest), len(seeds)),
     ]
+
+
+def gap_sentence(results: dict, ranked: list[str], length: str, n_seeds: int) -> str:
+    """Whether the best encoding's lead over the next is larger than the spread over seeds."""
+    if len(ranked) < 2:
+        return ""
+    (best, best_sd), (second, second_sd) = (mean_spread(results[name][length]["ppl"]) for name in ranked[:2])
+    if n_seeds < 2:
+        return " With one seed there is no spread to judge these gaps against."
+    spread = max(best_sd, second_sd)
+    verdict = "larger" if second - best > spread else "not larger"
+    return f" The lead over {ranked[1]} ({fmt(second - best)}) is {verdict} than the spread over seeds (sd up to {fmt(spread)})."
 
 
 def drift_sentences(variants: dict[str, dict]) -> list[str]:
