@@ -124,6 +124,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     add_needle(sub)
+    from .continual import add_parser as add_continual; add_continual(sub)  # noqa: E702
     return parser
 
 
