@@ -125,6 +125,7 @@ def build_parser() -> Parser:
     sub.required = True
     add_needle(sub)
     from .continual import add_parser as add_continual; add_continual(sub)  # noqa: E702
+    from .bench import add_parser as add_bench; add_bench(sub)  # noqa: E702
     return parser
 
 
