@@ -193,6 +193,13 @@ def validate(cfg: ContinualConfig) -> tuple[list, list[Variant]]:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.grad_clip <= 0 or (cfg.fingerprint_stride is not None and cfg.fingerprint_stride <= 0):
         raise UsageError("--lr, --grad-clip and --fingerprint-stride must be positive")
+    for name in ("lr", "grad_clip", "fingerprint_stride", "route_threshold"):
+        value = getattr(cfg, name, None)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for seed in [cfg.seed, *(cfg.seeds or [])]:
+        if not 0 <= seed < 2**32:
+            raise UsageError(f"seeds must be between 0 and 2**32 - 1, got {seed}")
     if cfg.layout not in ("sections", "interleaved"):
         raise UsageError(f"--layout must be sections or interleaved, got {cfg.layout!r}")
     if cfg.index not in ("flat", "ivf", "hnsw"):
