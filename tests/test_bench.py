@@ -128,6 +128,13 @@ def test_baseline_round_trip(tmp_path):
     assert load_baseline(path, "smoke") == BASELINE
 
 
+@pytest.mark.parametrize("size", sorted(bench.SIZES))
+def test_every_size_ships_a_baseline_covering_every_encoding(size):
+    baseline = load_baseline(bench.baseline_path(size), size)
+    measured = {bench.figure_encoding(name) for name in baseline["figures"]}
+    assert measured == set(ENCODINGS)
+
+
 @pytest.mark.parametrize(("mutate", "message"), [
     (lambda b: b.pop("benchmark_version"), "no integer 'benchmark_version'"),
     (lambda b: b.update(benchmark_version=bench.BENCHMARK_VERSION + 1), "benchmark version"),
@@ -368,6 +375,8 @@ def test_grid_only_writes_heatmaps_and_a_ranking(tmp_path, monkeypatch, capsys):
     assert all(0 <= c["accuracy"] <= 1 and 0 <= c["needle_mass"] <= 1 and "entropy_10-99" in c for c in cells)
     for name in ("rope", "alibi"):
         assert (out / f"heatmap-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![accuracy against length](grid.png)" in (out / "grid.md").read_text()
     report = (out / "grid.md").read_text()
     assert "## Ranking by accuracy at 4x and 8x" in report and "| 64 (1x) | 256 (4x) |" in report
     assert "![rope](heatmap-rope.png)" in report

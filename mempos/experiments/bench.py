@@ -760,7 +760,7 @@ def tolerance_floors(size: Size) -> dict[str, dict]:
 def write_outputs(out: Path, size: Size, suite: dict, command: str) -> None:
     """figures.json, grid.json, grid.md (ranking and every cell) and one heatmap per encoding."""
     from ..io import write_json, write_text
-    from .passkey import cells_table, plot_heatmap, ranking_table
+    from .passkey import cells_table, plot_heatmap, plot_overview, ranking_table
 
     import torch
     import transformers
@@ -783,10 +783,11 @@ def write_outputs(out: Path, size: Size, suite: dict, command: str) -> None:
              f"Trained at {size.train_len} tokens; accuracy is exact match of the {size.key_digits}-digit key "
              "from greedy decoding, mean over needle depths.", "",
              "## Ranking by accuracy at 4x and 8x the training length (one key)", "",
-             ranking_table(grids, size.train_len), ""]
+             ranking_table(grids, size.train_len), "", "![accuracy against length](grid.png)", ""]
     if any(c["kind"] == "multi" for cells in grids.values() for c in cells):
         lines += [f"## Several keys ({size.n_keys}, one asked, the others distractors)", "",
                   ranking_table(grids, size.train_len, kind="multi"), ""]
+    plot_overview(grids, size.train_len, out / "grid.png")
     for name, cells in grids.items():
         plot_heatmap(cells, name, size.train_len, out / f"heatmap-{name}.png")
         lines += [f"## {name}", "", f"![{name}](heatmap-{name}.png)", "", cells_table(cells), ""]

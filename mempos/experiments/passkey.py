@@ -525,6 +525,44 @@ def plot_heatmap(cells: Sequence[dict], encoding: str, train_len: int, path) -> 
     plt.close(fig)
 
 
+def plot_overview(grids: dict[str, Sequence[dict]], train_len: int, path) -> None:
+    """Accuracy (mean over depths) against haystack length, one line per encoding in ranking order,
+    one panel per haystack kind: the whole grid at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+
+    kinds = [k for k in ("single", "multi") if any(c["kind"] == k for cells in grids.values() for c in cells)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.2 * len(kinds) + 1.8, 4.6), squeeze=False, sharey=True)
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    order = [name for name, _ in ranking(grids, train_len)]  # one colour per encoding in both panels
+    for ax, kind in zip(axes[0], kinds):
+        for i, name in enumerate(order):
+            accuracy = by_length(grids[name], kind)
+            if accuracy:
+                ax.plot(list(accuracy), list(accuracy.values()), marker="o", lw=1.4, ms=3.5,
+                        color=colours[i % 20], ls="-" if i < 10 else "--", label=name)
+        ax.set_xscale("log", base=2)
+        lengths = sorted({c["length"] for cells in grids.values() for c in cells if c["kind"] == kind})
+        ax.set_xticks(lengths, [f"{n}\n({n / train_len:g}x)" for n in lengths])
+        ax.minorticks_off()
+        ax.axvline(train_len, color="grey", ls=":", lw=1)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("haystack length (tokens; x training length)")
+        ax.set_title("one key" if kind == "single" else "several keys, one asked")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("exact-match accuracy (mean over depths)")
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False,
+                       title="ranked at 4x, 8x", title_fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def _n_lengths(cells: Sequence[dict]) -> int:
     return len({c["length"] for c in cells})
 
