@@ -49,6 +49,7 @@ from types import SimpleNamespace
 from typing import Callable, Iterable, Mapping, Sequence
 
 from ..errors import UsageError
+from .options import number_list
 
 BENCHMARK_VERSION = 1
 BASELINE_DIR = Path(__file__).resolve().parent / "baselines"
@@ -888,16 +889,6 @@ def _names(text: str | None) -> list[str]:
     return names
 
 
-def _numbers(text: str, option: str, kind=float) -> list:
-    try:
-        values = [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"{option} takes comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise UsageError(f"{option} is empty")
-    return values
-
-
 def _say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
@@ -925,8 +916,10 @@ def run_bench_command(args) -> None:
     jobs = args.jobs or default_jobs()
 
     if args.grid_only:
-        lengths = _numbers(args.lengths, "--lengths", int) if args.lengths else size.lengths
-        depths = _numbers(args.depths, "--depths") if args.depths else list(size.depths)
+        lengths = number_list(args.lengths, "--lengths") if args.lengths else size.lengths
+        depths = number_list(args.depths, "--depths", float) if args.depths else list(size.depths)
+        if not lengths or not depths:
+            raise UsageError("--lengths and --depths must not be empty")
         per_cell = args.per_cell if args.per_cell is not None else size.per_cell
         if min(lengths) < size.train_len // 2 or any(not 0 <= d <= 1 for d in depths) or per_cell < 1:
             raise UsageError(f"--lengths must be at least {size.train_len // 2} tokens, --depths in [0, 1], "

@@ -12,6 +12,7 @@ import shlex
 import sys
 
 from ..errors import UsageError
+from .options import number_list
 
 
 class Parser(argparse.ArgumentParser):
@@ -101,22 +102,15 @@ def run_needle_command(args) -> None:
 
             changes["encodings"] = list(ENCODINGS)
     if args.seeds is not None:
-        changes["seeds"] = int_list(args.seeds, "--seeds")
+        changes["seeds"] = number_list(args.seeds, "--seeds")
     if args.sweep_lens is not None:
-        changes["sweep_lens"] = [] if args.sweep_lens.strip().lower() == "none" else int_list(args.sweep_lens, "--sweep-lens")
+        changes["sweep_lens"] = [] if args.sweep_lens.strip().lower() == "none" else number_list(args.sweep_lens, "--sweep-lens")
     if args.max_train_chunks is not None:
         changes["max_train_chunks"] = args.max_train_chunks or None
     if changes.get("model") == "scratch":
         changes["model"] = None
     cfg = PRESETS[args.preset].replace(**changes, wandb=args.wandb)
     run_needle(cfg, command=shlex.join(["mempos", *args.argv]), overwrite=args.overwrite)
-
-
-def int_list(text: str, option: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"{option} takes comma-separated whole numbers, got {text!r}") from None
 
 
 def build_parser() -> Parser:

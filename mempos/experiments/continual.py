@@ -48,6 +48,7 @@ from ..agent.strategies import STRATEGIES, make_strategy  # noqa: E402
 from ..errors import UsageError  # noqa: E402
 from ..io import atomic_path, write_json, write_text  # noqa: E402
 from ..models import small_gpt2, tokenizer_from_json, tokenizer_to_json, train_tokenizer  # noqa: E402
+from .options import check_seeds, number_list  # noqa: E402
 from .report import fmt, mean_spread, table  # noqa: E402
 
 FORMAT = "mempos-continual/1"
@@ -197,17 +198,13 @@ def validate(cfg: ContinualConfig) -> tuple[list, list[Variant]]:
         value = getattr(cfg, name, None)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for seed in [cfg.seed, *(cfg.seeds or [])]:
-        if not 0 <= seed < 2**32:
-            raise UsageError(f"seeds must be between 0 and 2**32 - 1, got {seed}")
+    check_seeds(cfg.seed, cfg.seeds)
     if cfg.layout not in ("sections", "interleaved"):
         raise UsageError(f"--layout must be sections or interleaved, got {cfg.layout!r}")
     if cfg.index not in ("flat", "ivf", "hnsw"):
         raise UsageError(f"--index must be flat, ivf or hnsw, got {cfg.index!r}")
     if cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 2:
         raise UsageError(f"n_embd ({cfg.n_embd}) must split into {cfg.n_head} heads of even width")
-    if cfg.seeds is not None and (not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds)):
-        raise UsageError("--seeds must name distinct seeds")
     if not cfg.variants:
         raise UsageError("no variants to run: give --strategy or --compare")
     variants = resolve_variants(cfg)
@@ -819,7 +816,6 @@ def add_parser(sub) -> None:
 def run_command(args) -> None:
     from transformers.utils import logging as hf_logging
 
-    from .cli import int_list
 
     hf_logging.set_verbosity_error()
     command = shlex.join(["mempos", *args.argv])
@@ -836,7 +832,7 @@ def run_command(args) -> None:
     cfg = PRESETS[args.preset or "tiny"]
     changes = {k: getattr(args, k) for k in ("tasks", "seed", "out", "index", *OPTIONS) if getattr(args, k) is not None}
     if args.seeds is not None:
-        changes["seeds"] = int_list(args.seeds, "--seeds")
+        changes["seeds"] = number_list(args.seeds, "--seeds")
     if args.strategy is not None and args.compare is not None:
         raise UsageError("give --strategy (one variant) or --compare (several), not both")
     if args.fingerprints is not None and args.strategy is None:

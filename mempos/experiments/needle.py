@@ -35,6 +35,7 @@ from ..encodings.path import DRIFT_FALSIFIER, path_encodings, transform_drift
 from ..errors import UsageError
 from ..io import atomic_path, write_json
 from ..models import encode, load_pretrained, small_gpt2, train_tokenizer
+from .options import check_seeds
 from .evaluate import evaluate_variant, length_sweep
 from .report import plot_entropy, plot_sweep, write_report
 from .train import make_accelerator, train_lm
@@ -74,9 +75,7 @@ def validate(cfg) -> None:
             raise UsageError(f"--{name} must be a positive finite number, got {value}")
     if cfg.max_train_chunks is not None and cfg.max_train_chunks < 0:
         raise UsageError(f"--max-train-chunks must be 0 (all) or more, got {cfg.max_train_chunks}")
-    for seed in [cfg.seed, *(cfg.seeds or [])]:
-        if not 0 <= seed < 2**32:
-            raise UsageError(f"seeds must be between 0 and 2**32 - 1, got {seed}")
+    check_seeds(cfg.seed, cfg.seeds)
     if cfg.out is not None and not str(cfg.out).strip():
         raise UsageError("--out must not be empty")
     if not cfg.needle.strip():
@@ -85,8 +84,6 @@ def validate(cfg) -> None:
         raise UsageError("--wandb needs the wandb package: pip install 'mempos[wandb]'")
     if any(length < 2 for length in cfg.sweep_lens) or len(set(cfg.sweep_lens)) != len(cfg.sweep_lens):
         raise UsageError("--sweep-lens must be distinct lengths of at least 2 tokens")
-    if cfg.seeds is not None and (not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds)):
-        raise UsageError("--seeds must name distinct seeds")
     if cfg.prompt_len is not None and not 1 <= cfg.prompt_len < cfg.eval_len:
         raise UsageError(f"--prompt-len must be between 1 and eval length - 1 ({cfg.eval_len - 1})")
 
