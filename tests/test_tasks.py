@@ -161,6 +161,12 @@ def test_registry_and_spec_errors():
         get_task("kv:pairs=2")
     with pytest.raises(UsageError, match="min_pairs takes a whole number, got 'two'"):
         get_task("kv:min_pairs=two")
+    short = get_task("reverse:min_digits=2:max_digits=3")
+    examples = short.examples("train", 50, 0)
+    assert {len(e.answer.strip()) for e in examples} == {2, 3} and short.max_answer_chars == 4
+    assert all(e.answer.strip() == e.prompt.split()[1][::-1] for e in examples)
+    with pytest.raises(UsageError, match="reverse: need 1 <= min_digits <= max_digits"):
+        get_task("reverse:min_digits=5:max_digits=3")
 
 
 def test_a_user_task_is_one_small_class():

@@ -308,11 +308,17 @@ class KeyValueTask(Task):
 
 
 class DigitStringTask(Task):
-    """``"<verb> 4821 ="`` -> ``" <transform(4821)>"`` on random digit strings of 4-8 digits."""
+    """``"<verb> 4821 ="`` -> ``" <transform(4821)>"`` on random digit strings of `min_digits` to
+    `max_digits` digits (default 4-8)."""
 
-    kind, max_answer_chars = "qa", 9
+    kind = "qa"
     verb = ""
-    min_digits, max_digits = 4, 8
+
+    def __init__(self, min_digits: int = 4, max_digits: int = 8):
+        if not 1 <= min_digits <= max_digits <= 32:
+            raise UsageError(f"{self.verb}: need 1 <= min_digits <= max_digits <= 32, got {min_digits} and {max_digits}")
+        self.min_digits, self.max_digits = min_digits, max_digits
+        self.max_answer_chars = max_digits + 1
 
     def transform(self, digits: str) -> str:
         raise NotImplementedError
