@@ -85,7 +85,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_metrics(smoke_run, tmp_
     assert resumed["command"] == "killed" and list(resumed["variants"]) == ["replay"]
 
 
-def test_naive_forgets_the_first_task_and_replay_forgets_much_less(smoke_run):
+def test_naive_forgets_the_first_task_and_replay_forgets_much_less(smoke_run, capsys):
     """Copy's answer NLL after the language-modelling task: naive fine-tuning loses it, replay keeps most of it.
     Seeds 0-5 gave naive 2.0-7.8 and replay 0.12-0.46 nats/token while this test was written."""
     seed0 = json.loads((smoke_run / "metrics.json").read_text())
@@ -94,8 +94,13 @@ def test_naive_forgets_the_first_task_and_replay_forgets_much_less(smoke_run):
     tasks, variants = validate(cfg)
     tokenizer = tokenizer_from_json((smoke_run / "tokenizer.json").read_text())
     for variant in variants:  # seed 1 without the folder: the run alone
-        metrics = build_run(cfg, tasks, tokenizer, variant, seed=1, progress=False).run()
+        metrics = build_run(cfg, tasks, tokenizer, variant, seed=1).run()
         found[variant.label, 1] = summarise(metrics)["nll"]["per_task"]["forgetting_max"][0]
+    # off a terminal, progress is one line per task boundary, with the row of R just measured
+    lines = capsys.readouterr().err.splitlines()
+    assert len([line for line in lines if " done after " in line]) == 4, lines
+    assert any(line.startswith("replay") and "task 2/2 (lm_embedded) done" in line and "NLL copy " in line
+               for line in lines), lines
     for seed in (0, 1):
         naive, replay = found["naive", seed], found["replay", seed]
         assert naive > 1.5, (seed, naive)

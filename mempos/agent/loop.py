@@ -47,6 +47,7 @@ first), in nats.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -425,6 +426,9 @@ class ContinualRun:
         if self.next_step == 0 and not self.metrics["episodes"]:
             self.baseline()
         disable = {True: False, False: True}.get(self.progress)  # None: only on a terminal
+        # Off a terminal (a log file, CI) bars would be noise: one line per task boundary instead.
+        lines = self.progress is None and not sys.stderr.isatty()
+        started = time.perf_counter()
         name = self.label or strategy.name
         tasks_bar = tqdm(total=stream.n_tasks, initial=self.next_step // E, desc=name, unit="task",
                          disable=disable, dynamic_ncols=True, position=0)
@@ -461,6 +465,12 @@ class ContinualRun:
                 bar.close()
                 bar = None
                 tasks_bar.update(1)
+                if lines:
+                    row = self.metrics["R"]["nll"][task] if strategy.evaluates_tasks or self.next_step == total else []
+                    seen = ", ".join(f"{n} {v:.3f}" for n, v in zip(stream.task_names, row) if not math.isnan(v))
+                    print(f"{name}: task {task + 1}/{stream.n_tasks} ({stream.task_names[task]}) done after "
+                          f"{time.perf_counter() - started:.0f} s; last loss {record.loss:.3f}"
+                          + (f"; NLL {seen}" if seen else ""), file=sys.stderr, flush=True)
                 if stop_after_task is not None and task >= stop_after_task and self.next_step < total:
                     break
         if bar is not None:

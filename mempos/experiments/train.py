@@ -7,6 +7,7 @@ variant; accelerate splits each batch across processes.
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
@@ -62,7 +63,8 @@ def train_lm(model, chunks: torch.Tensor, cfg, accelerator: Accelerator, label: 
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     model.train()
     losses, start = [], time.perf_counter()
-    bar = tqdm(loader, desc=f"train {label}", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"train {label}", disable=not accelerator.is_local_main_process, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not a flood
     for step, (ids,) in enumerate(bar):
         loss = model(ids, labels=ids).loss
         accelerator.backward(loss)
