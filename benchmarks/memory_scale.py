@@ -3,8 +3,8 @@ approximate indexes (ivf, hnsw), with recall@k of each approximate index against
 measured in one process.
 
     python benchmarks/memory_scale.py                    # 10^4 and 10^5 slots, dimension 256
-    python benchmarks/memory_scale.py --million          # also 10^6 (roughly 10-15x the 10^5 run's
-                                                         # time, tens of minutes on 2 cores, ~4 GB RAM)
+    python benchmarks/memory_scale.py --million          # also 10^6 (12 min with --threads 1 on a 2-core
+                                                         # machine, most of it building HNSW; 2.9 GB RAM)
     python benchmarks/memory_scale.py --sizes 20000 --approx hnsw --threads 2
 
 Keys are synthetic embeddings with cluster structure (like real sentence
