@@ -29,7 +29,7 @@ def corpus_read_once():
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, corpus_read_once):
     out = tmp_path_factory.mktemp("continual") / "run"
-    assert main(["continual", "--preset", "smoke", "--out", str(out)]) == 0
+    assert main(["continual", "--preset", "smoke", "--out", str(out), "--jobs", "2"]) == 0  # in worker processes
     return out
 
 
@@ -44,7 +44,7 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert not list(smoke_run.glob("**/*.part")), "a temporary file was left behind"
     metrics = json.loads((smoke_run / "metrics.json").read_text())
     smoke = PRESETS["smoke"]
-    assert metrics["command"] == f"mempos continual --preset smoke --out {smoke_run}"
+    assert metrics["command"] == f"mempos continual --preset smoke --out {smoke_run} --jobs 2"
     assert list(metrics["variants"]) == ["naive", "replay"] and metrics["seeds"] == [0]
     assert [t["name"] for t in metrics["tasks"]] == ["copy", "lm_embedded"]
     run = metrics["variants"]["replay"]["runs"]["0"]
@@ -83,6 +83,15 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_metrics(smoke_run, tmp_
     whole = json.loads((smoke_run / "metrics.json").read_text())
     assert resumed["variants"]["replay"] == whole["variants"]["replay"]  # every number but wall-clock times
     assert resumed["command"] == "killed" and list(resumed["variants"]) == ["replay"]
+
+
+def test_worker_processes_give_exactly_the_metrics_of_one_process(smoke_run, tmp_path, capsys):
+    out = tmp_path / "one"
+    assert main(["continual", "--preset", "smoke", "--out", str(out), "--jobs", "1"]) == 0
+    alone = json.loads((out / "metrics.json").read_text())
+    pooled = json.loads((smoke_run / "metrics.json").read_text())
+    assert alone["variants"] == pooled["variants"]  # every number but wall-clock times
+    assert "worker processes" not in capsys.readouterr().out
 
 
 def test_naive_forgets_the_first_task_and_replay_forgets_much_less(smoke_run, capsys):

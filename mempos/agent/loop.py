@@ -425,9 +425,9 @@ class ContinualRun:
         E, total = stream.episodes_per_task, len(stream)
         if self.next_step == 0 and not self.metrics["episodes"]:
             self.baseline()
-        disable = {True: False, False: True}.get(self.progress)  # None: only on a terminal
-        # Off a terminal (a log file, CI) bars would be noise: one line per task boundary instead.
-        lines = self.progress is None and not sys.stderr.isatty()
+        disable = {True: False, False: True, "lines": True}.get(self.progress)  # None: only on a terminal
+        # Off a terminal (a log file, CI) or in a worker process, bars would be noise: a line per task instead.
+        lines = self.progress == "lines" or (self.progress is None and not sys.stderr.isatty())
         started = time.perf_counter()
         name = self.label or strategy.name
         tasks_bar = tqdm(total=stream.n_tasks, initial=self.next_step // E, desc=name, unit="task",

@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import platform
 import random
@@ -50,6 +49,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from ..errors import UsageError
 from .options import number_list
+from .workers import default_jobs, stop_pool, terminate_as_interrupt, worker_pool
 
 BENCHMARK_VERSION = 1
 BASELINE_DIR = Path(__file__).resolve().parent / "baselines"
@@ -326,13 +326,6 @@ def _worker(name: str, size: Size, data: BenchData, text: bool, seed, threads) -
     return run_encoding(name, size, data, text=text, quiet=True, seed=seed, threads=threads)
 
 
-def default_jobs() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def run_suite(size: Size, encodings: Sequence[str], jobs: int = 1, data: BenchData | None = None,
               text: bool = True, seed: int | None = None, threads: int = 1, progress: Progress = None) -> dict:
     """Train and measure every encoding; {"figures": {...}, "encodings": {name: details}}.
@@ -343,12 +336,12 @@ def run_suite(size: Size, encodings: Sequence[str], jobs: int = 1, data: BenchDa
     """
     say = progress or (lambda message: None)
     jobs = max(1, min(jobs, len(encodings)))
-    with _terminate_as_interrupt():
+    with terminate_as_interrupt():
         return _run_suite(size, encodings, jobs, data, text, seed, threads, say)
 
 
 def _run_suite(size, encodings, jobs, data, text, seed, threads, say) -> dict:
-    pool, finished = (_pool(jobs) if jobs > 1 else None), False
+    pool, finished = (worker_pool(jobs, WORKER_PRELOAD) if jobs > 1 else None), False
     try:
         if data is None:
             with deterministic():
@@ -372,7 +365,7 @@ def _run_suite(size, encodings, jobs, data, text, seed, threads, say) -> dict:
         finished = True
     finally:
         if pool is not None:
-            _stop(pool, finished)
+            stop_pool(pool, finished)
     ordered = {name: results[name] for name in encodings}
     figures = {key: value for result in ordered.values() for key, value in result["figures"].items()}
     return {"figures": figures, "encodings": ordered}
@@ -381,66 +374,6 @@ def _run_suite(size, encodings, jobs, data, text, seed, threads, say) -> dict:
 # imported once by the fork server, so every worker starts with them loaded
 WORKER_PRELOAD = ["torch", "transformers", "accelerate", "mempos.encodings", "mempos.models",
                   "mempos.experiments.train", "mempos.experiments.evaluate", "mempos.experiments.passkey", __name__]
-
-
-def _pool(jobs: int):
-    """Worker processes forked from a fork server: a clean process (no thread pools of the caller's,
-    no CUDA) that imports torch and the package once, so workers start in a fraction of a second.
-    The server starts at once and loads while the caller builds the data."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import forkserver
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(WORKER_PRELOAD)
-    forkserver.ensure_running()
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_watch_parent,
-                               initargs=(os.getpid(),))
-
-
-def _watch_parent(parent: int) -> None:
-    """In a worker: exit when the process that started the suite is gone (killed, not just interrupted),
-    so no worker outlives it."""
-    import threading
-
-    def watch():
-        while True:
-            time.sleep(1.0)
-            try:
-                os.kill(parent, 0)
-            except ProcessLookupError:
-                os._exit(3)
-            except PermissionError:  # the pid now belongs to someone else's process
-                os._exit(3)
-
-    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM during the suite raises KeyboardInterrupt, so the workers are stopped on the way out."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    before = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
-def _stop(pool, finished: bool) -> None:
-    """Shut the pool down; after an error or an interrupt, end its workers instead of waiting for them."""
-    if not finished:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.terminate()
-    pool.shutdown(wait=finished, cancel_futures=True)
 
 
 def _done_line(index: int, total: int, result: dict, size: Size) -> str:

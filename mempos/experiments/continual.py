@@ -49,6 +49,7 @@ from ..errors import UsageError  # noqa: E402
 from ..io import atomic_path, write_json, write_text  # noqa: E402
 from ..models import small_gpt2, tokenizer_from_json, tokenizer_to_json, train_tokenizer  # noqa: E402
 from .options import check_seeds, number_list  # noqa: E402
+from .workers import default_jobs, stop_pool, terminate_as_interrupt, worker_pool  # noqa: E402
 from .report import fmt, mean_spread, table  # noqa: E402
 
 FORMAT = "mempos-continual/1"
@@ -310,12 +311,15 @@ def read_run_folder(folder) -> tuple[ContinualConfig, dict]:
 
 
 def run_continual(cfg: ContinualConfig, command: str = "", overwrite: bool = False, resume: bool = False,
-                  stop_after_task: int | None = None, progress: bool | None = None) -> dict | None:
+                  stop_after_task: int | None = None, progress: bool | str | None = None, jobs: int = 1) -> dict | None:
     """Run every variant for every seed; write the folder; return metrics.json's content.
 
     `resume`: continue the run folder `cfg.out` (finished runs are read back,
-    the interrupted one continues from its last task boundary). `stop_after_task`
+    the interrupted ones continue from their last task boundary). `stop_after_task`
     stops the first run after that task's checkpoint, as if killed, and returns None.
+    `jobs` > 1 runs that many (variant, seed) runs at a time in worker processes of one
+    thread each (progress: a line per task boundary); each run is seeded on its own, so the
+    metrics equal those of one single-threaded process.
     """
     tasks, variants = validate(cfg)
     seeds = cfg.seeds or [cfg.seed]
@@ -338,6 +342,7 @@ def run_continual(cfg: ContinualConfig, command: str = "", overwrite: bool = Fal
         write_text(out / "tokenizer.json", tokenizer_to_json(tokenizer))
     results: dict[str, dict[int, dict]] = {v.label: {} for v in variants}
     timing: dict[str, dict] = {}
+    pending = []
     for seed in seeds:
         for variant in variants:
             name = f"{variant.slug}-seed{seed}"
@@ -345,23 +350,77 @@ def run_continual(cfg: ContinualConfig, command: str = "", overwrite: bool = Fal
             if record.is_file():  # finished before a resume
                 saved = json.loads(record.read_text(encoding="utf-8"))
                 results[variant.label][seed], timing[name] = saved["metrics"], saved["timing"]
-                continue
-            run = build_run(cfg, tasks, tokenizer, variant, seed, out / "checkpoints" / name, progress)
-            if resume and run.checkpoints.restore(run):
-                print(f"resuming {name} at episode {run.next_step} of {len(run.stream)}")
-            metrics = run.run(stop_after_task=stop_after_task)
-            if not metrics["finished"]:  # stopped on purpose, as a killed run would be
+            else:
+                pending.append((variant, seed))
+    jobs = max(1, min(jobs, len(pending)))
+    if jobs > 1 and stop_after_task is None:
+        done = run_in_workers(cfg, tokenizer, pending, out, resume, jobs)
+    else:
+        done = []
+        for variant, seed in pending:
+            outcome = run_one(cfg, tasks, tokenizer, variant, seed, out, resume, progress, stop_after_task)
+            if outcome is None:  # stopped on purpose, as a killed run would be
                 return None
-            run.agent.bank.export_graph(out / "modules" / f"{name}.json")
-            timing[name] = timing_summary(run)
-            results[variant.label][seed] = plain(metrics)
-            write_json(record, {"metrics": plain(metrics), "timing": timing[name]})
+            done.append((variant, seed, *outcome))
+    for variant, seed, run_metrics, run_timing in done:
+        results[variant.label][seed], timing[f"{variant.slug}-seed{seed}"] = run_metrics, run_timing
     metrics = aggregate(cfg, command, tasks, variants, results, timing)
     write_json(out / "metrics.json", metrics)
     write_plots(metrics, out)
     write_report(metrics, out / "report.md")
     print(f"wrote {out}: report.md, metrics.json, {len(variants)} R heatmaps, forgetting.png, interference.png")
     return metrics
+
+
+def run_one(cfg, tasks, tokenizer, variant: Variant, seed: int, out: Path, resume: bool,
+            progress: bool | str | None = None, stop_after_task: int | None = None) -> tuple[dict, dict] | None:
+    """One variant and seed in the run folder `out`: (metrics, timing), also saved as runs/<name>.json
+    with the module graph in modules/; None when stopped on purpose by `stop_after_task`."""
+    name = f"{variant.slug}-seed{seed}"
+    run = build_run(cfg, tasks, tokenizer, variant, seed, out / "checkpoints" / name, progress)
+    if resume and run.checkpoints.restore(run):
+        print(f"resuming {name} at episode {run.next_step} of {len(run.stream)}", flush=True)
+    metrics = run.run(stop_after_task=stop_after_task)
+    if not metrics["finished"]:
+        return None
+    run.agent.bank.export_graph(out / "modules" / f"{name}.json")
+    timing = timing_summary(run)
+    write_json(out / "runs" / f"{name}.json", {"metrics": plain(metrics), "timing": timing})
+    return plain(metrics), timing
+
+
+# imported once by the fork server, so every worker starts with them loaded
+WORKER_PRELOAD = ["torch", "transformers", "faiss", "networkx", "mempos.encodings", "mempos.models",
+                  "mempos.memory", "mempos.agent.loop", __name__]
+
+
+def run_in_workers(cfg, tokenizer, pending, out: Path, resume: bool, jobs: int) -> list[tuple]:
+    """`pending` (variant, seed) runs in `jobs` worker processes; [(variant, seed, metrics, timing)]."""
+    from concurrent.futures import as_completed
+
+    print(f"running {len(pending)} runs in {jobs} worker processes (one thread each)", flush=True)
+    done, finished = [], False
+    tokenizer_json = tokenizer_to_json(tokenizer)
+    with terminate_as_interrupt():
+        pool = worker_pool(jobs, WORKER_PRELOAD)
+        try:
+            futures = {pool.submit(_worker, cfg, tokenizer_json, variant, seed, out, resume): index
+                       for index, (variant, seed) in enumerate(pending)}
+            for future in as_completed(futures):
+                done.append((futures[future], future.result()))
+            finished = True
+        finally:
+            stop_pool(pool, finished)
+    return [(*pending[index], *result) for index, result in sorted(done, key=lambda d: d[0])]
+
+
+def _worker(cfg, tokenizer_json: str, variant: Variant, seed: int, out: Path, resume: bool) -> tuple[dict, dict]:
+    torch.set_num_threads(1)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    tasks, _ = validate(cfg)
+    return run_one(cfg, tasks, tokenizer_from_json(tokenizer_json), variant, seed, out, resume, progress="lines")
 
 
 def build_run(cfg, tasks, tokenizer, variant: Variant, seed: int, checkpoint_dir=None,
@@ -810,6 +869,10 @@ def add_parser(sub) -> None:
     for name, (kind, text) in OPTIONS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar="N" if kind is int else "X", help=text)
     p.add_argument("--index", choices=["flat", "ivf", "hnsw"], help="memory index (default flat: exact)")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="runs (variant x seed) at a time, in worker processes of one thread each (default: "
+                        "the number of cores; 1: in this process, with progress bars); the metrics do not "
+                        "depend on it")
     p.set_defaults(run=run_command)
 
 
@@ -819,6 +882,9 @@ def run_command(args) -> None:
 
     hf_logging.set_verbosity_error()
     command = shlex.join(["mempos", *args.argv])
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    jobs = args.jobs or default_jobs()
     if args.resume is not None:
         given = [f"--{k.replace('_', '-')}" for k in ("preset", "tasks", "strategy", "fingerprints", "compare",
                                                        "seed", "seeds", "out", "index", *OPTIONS)
@@ -827,7 +893,7 @@ def run_command(args) -> None:
             raise UsageError(f"--resume takes no other option (the run's config.json decides); got "
                              f"{', '.join(given or ['--overwrite'])}")
         cfg, _ = read_run_folder(args.resume)
-        run_continual(cfg, command, resume=True)
+        run_continual(cfg, command, resume=True, jobs=jobs)
         return
     cfg = PRESETS[args.preset or "tiny"]
     changes = {k: getattr(args, k) for k in ("tasks", "seed", "out", "index", *OPTIONS) if getattr(args, k) is not None}
@@ -843,5 +909,5 @@ def run_command(args) -> None:
         changes["variants"] = [args.strategy + fingerprint_label(axes)]
     elif args.compare is not None:
         changes["variants"] = parse_variants(args.compare, cfg)
-    run_continual(cfg.replace(**changes), command, overwrite=args.overwrite)
+    run_continual(cfg.replace(**changes), command, overwrite=args.overwrite, jobs=jobs)
 
