@@ -181,3 +181,12 @@ def test_variant_syntax_and_help(capsys):
     assert "STRATEGY[:key=value...][+AXIS...]" in text and "naive;replay;replay+fp" in text
     for name in ("naive", "replay", "ewc", "joint", "smoke", "tiny"):
         assert name in text
+
+
+def test_memory_line_counts_modules_per_task_and_sharing():
+    from mempos.experiments.continual import memory_line
+
+    memory = {"slots": 120, "modules": 5, "modules_per_task": {"0": [0, 1], "1": [1, 2, 3], "2": [4]}}
+    assert memory_line(memory, ["copy", "reverse", "sort"]) == (
+        "Memory (first seed): 120 slots in 5 modules; copy 2 modules, "
+        "reverse 3 modules (1 also holds an earlier task's episodes), sort 1 module.")

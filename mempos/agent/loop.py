@@ -81,7 +81,7 @@ class AgentConfig:
     memory: bool = True  # embed, route and write episodes; False: none of it (no replay, no fingerprints)
     exemplars_per_episode: int | None = None  # examples of each episode written to memory (None: all)
     index: str = "flat"  # faiss index of the memory bank: flat, ivf or hnsw
-    route_threshold: float = 0.05  # cosine distance beyond which an episode opens a new module
+    route_threshold: float = 0.2  # cosine distance beyond which an episode opens a new module
     context_examples: int = 2  # exemplars retrieved from memory in front of each evaluated example
     eval_batch_size: int = 32
     seed: int = 0
