@@ -3,6 +3,7 @@ same training with them off, measured in one process.
 
     python benchmarks/agent_overhead.py                  # the tiny preset's model and stream
     python benchmarks/agent_overhead.py --preset smoke
+    python benchmarks/agent_overhead.py --tasks copy,reverse,kv   # longer examples (4-8 digits, 3-5 pairs)
 
 "On" embeds each episode (a no-grad forward over its prompts), routes it to a module, gives its
 tokens slot/module/pc fingerprints and writes its examples into the faiss memory; "off" trains on
@@ -32,10 +33,10 @@ from mempos.models import train_tokenizer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
-    parser.add_argument("--tasks", default="copy,reverse,kv", help="tasks of the stream (default copy,reverse,kv)")
+    parser.add_argument("--tasks", help="tasks of the stream (default: the preset's)")
     parser.add_argument("--episodes", type=int, default=60, help="episodes timed per arm (after 3 warm-up episodes)")
     args = parser.parse_args()
-    cfg = PRESETS[args.preset].replace(tasks=args.tasks, variants=["naive"])
+    cfg = PRESETS[args.preset].replace(tasks=args.tasks or PRESETS[args.preset].tasks, variants=["naive"])
     tasks, _ = validate(cfg)
     tokenizer = train_tokenizer(tokenizer_text(tasks, cfg), cfg.vocab_size)
     model = base_model(cfg, tokenizer, seed=0)
@@ -56,7 +57,7 @@ def main() -> None:
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     print(f"agent episode time, {args.preset} preset ({cfg.n_layer} layers, width {cfg.n_embd}, batch "
           f"{cfg.batch_size}, context {cfg.context_len}), {torch.get_num_threads()} threads, "
-          f"median of {len(times['on'])} episodes")
+          f"median of {len(times['on'])} episodes; tasks {cfg.tasks}")
     print(f"  memory + routing off: {1000 * off:8.2f} ms")
     print(f"  memory + routing on:  {1000 * on:8.2f} ms  ({arms['on'].bank.n_slots} slots, "
           f"{arms['on'].bank.n_modules} modules at the end)")
