@@ -306,9 +306,9 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it(tokenizer):
 def test_unknown_strategy_and_bad_options_are_usage_errors():
     with pytest.raises(UsageError, match="unknown strategy 'magic'"):
         make_strategy("magic")
-    with pytest.raises(UsageError, match="replay ratio must be >= 0"):
+    with pytest.raises(UsageError, match="replay ratio must be between 0 and 100"):
         make_strategy("replay", ratio=-1)
-    with pytest.raises(UsageError, match="must be a number"):
+    with pytest.raises(UsageError, match="must be a finite number"):
         make_strategy("replay", ratio="lots")
     with pytest.raises(UsageError, match="needs the memory bank"):
         Agent(None, None, make_strategy("replay"), AgentConfig(memory=False), ["qa"])

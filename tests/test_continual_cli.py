@@ -1,6 +1,7 @@
 """`mempos continual` end to end: outputs, exact resume, a real forgetting effect, bad input."""
 
 import functools
+import shutil
 import json
 
 import pytest
@@ -133,7 +134,20 @@ def one_line_error(capsys, argv, match):
     (["--strategy", "magic"], "unknown strategy 'magic'"),
     (["--compare", "naive;replay+time"], "unknown fingerprint axis 'time'"),
     (["--compare", "naive;;replay"], "--compare needs variants"),
-    (["--compare", "replay:ratio=-1"], "replay ratio must be >= 0"),
+    (["--compare", "replay:ratio=-1"], "replay ratio must be between 0 and 100"),
+    (["--compare", "replay:ratio=nan"], "option ratio must be a finite number"),
+    (["--compare", "naive;ewc:lambda=inf"], "option lambda must be a finite number"),
+    (["--compare", "replay:ratio=1:ratio=2"], "option 'ratio' is given twice"),
+    (["--compare", "replay;replay:ratio=1.0"], "are the same run"),
+    (["--replay-ratio", "nan"], "--replay-ratio must be between 0 and 100"),
+    (["--lr", "1e300"], "--lr must be between 0 and 10"),
+    (["--context-len", "99999999999999999999"], "--context-len must be between 1 and 131072"),
+    (["--episodes-per-task", "99999999999999999999"], "--episodes-per-task must be between"),
+    (["--fingerprint-stride", "1e300"], "--fingerprint-stride must be between"),
+    (["--seeds", "0,,1"], "--seeds has an empty entry"),
+    (["--tasks", "copy:"], "ends in ':'"),
+    (["--out", " "], "--out must not be empty"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
     (["--fingerprints", "slot"], "--fingerprints goes with --strategy"),
     (["--strategy", "naive", "--compare", "replay"], "not both"),
     (["--context-len", "8"], "longer than --context-len 8"),
@@ -190,3 +204,24 @@ def test_memory_line_counts_modules_per_task_and_sharing():
     assert memory_line(memory, ["copy", "reverse", "sort"]) == (
         "Memory (first seed): 120 slots in 5 modules; copy 2 modules, "
         "reverse 3 modules (1 also holds an earlier task's episodes), sort 1 module.")
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda run: (run / "runs/naive-seed0.json").write_text("{not json"), "naive-seed0.json is damaged"),
+    (lambda run: (run / "checkpoints/replay-seed0/task-001/optimizer.pt").write_bytes(b"\x80garbage" * 8),
+     "cannot resume from"),
+    (lambda run: (run / "checkpoints/replay-seed0/task-001/state.json").write_text("[]"), "cannot resume from"),
+    (lambda run: (run / "checkpoints/replay-seed0/latest.json").write_text('{"boundary": "/tmp/elsewhere"}'),
+     "not a boundary of this run"),
+    (lambda run: (run / "config.json").write_text(
+        json.dumps(json.loads((run / "config.json").read_text()) | {"config": []})), "config.json is damaged"),
+    (lambda run: (run / "config.json").write_text(json.dumps(
+        (lambda c: c | {"config": c["config"] | {"lr": "fast"}})(json.loads((run / "config.json").read_text())))),
+     "config.json holds a setting no run accepts"),
+])
+def test_a_damaged_run_folder_is_refused_on_resume_in_one_line(capsys, tmp_path, smoke_run, damage, match):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "runs/replay-seed0.json").unlink()  # replay resumes from its checkpoints, naive is read back
+    damage(run)
+    one_line_error(capsys, ["continual", "--resume", str(run)], match)

@@ -108,12 +108,17 @@ def bad_inputs(tmp: Path):
         "binary data file": (["--data", str(binary)], "binary"),
         "corrupt gzip": (["--data", str(bad_gz)], "bad.gz"),
         "text too short": (["--data", str(short)], "short"),
-        "zero training length": (["--train-len", "0"], "--train-len must be at least 1"),
+        "zero training length": (["--train-len", "0"], "--train-len must be between 1 and"),
         "negative eval length": (["--eval-len", "-4"], "--eval-len"),
         "not a number": (["--train-len", "ten"], "invalid int value"),
         "repeated seed": (["--seeds", "1,1"], "--seeds must name distinct seeds"),
         "bad seed list": (["--seeds", "one"], "--seeds takes comma-separated whole numbers"),
         "sweep length 0": (["--sweep-lens", "0,128"], "--sweep-lens"),
+        "huge sweep length": (["--sweep-lens", "99999999999"], "--sweep-lens must be distinct lengths of 2 to"),
+        "huge eval length": (["--eval-len", "99999999999"], "--eval-len must be between 1 and"),
+        "overflowing lr": (["--lr", "1e300"], "--lr must be a positive number of at most 10"),
+        "endless epochs": (["--epochs", "1e9"], "--epochs must be a positive number of at most"),
+        "trailing comma": (["--encodings", "rope,"], "--encodings has an empty entry"),
     }
 
 

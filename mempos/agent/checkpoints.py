@@ -22,6 +22,7 @@ the same memory (a reloaded faiss flat index returns identical results).
 from __future__ import annotations
 
 import json
+import re
 import math
 import random
 import shutil
@@ -93,6 +94,8 @@ class Checkpoints:
             name = json.loads(path.read_text(encoding="utf-8"))["boundary"]
         except (OSError, ValueError, KeyError, TypeError):
             raise UsageError(f"{path} is unreadable: the checkpoint folder is damaged") from None
+        if not isinstance(name, str) or not re.fullmatch(r"task-\d+", name):  # a boundary inside this folder
+            raise UsageError(f"{path} names {name!r}, not a boundary of this run: the checkpoint folder is damaged")
         folder = self.root / name
         if not (folder / "state.json").is_file():
             raise UsageError(f"{path} names {name}, which is missing or incomplete")
@@ -138,16 +141,19 @@ class Checkpoints:
                 agent.exemplars = ExemplarTable.load(folder, agent.bank.n_slots)
             rng = json.loads((folder / "rng.json").read_text(encoding="utf-8"))
             set_rng_state(agent, rng, torch.load(folder / "rng_torch.pt", weights_only=True))
+            agent.updates = int(state["updates"])
+            metrics = state["metrics"]
+            for key in ("em", "nll"):
+                metrics["R"][key] = unplain_matrix(metrics["R"][key])
+                metrics["baseline"][key] = [math.nan if v is None else float(v) for v in metrics["baseline"][key]]
+            next_step = int(state["next_step"])
+            if not 0 <= next_step <= len(run.stream) or next_step % run.stream.episodes_per_task:
+                raise ValueError(f"next_step {next_step} is not a task boundary of this stream")
+            timing = state.get("timing", run.timing)
         except UsageError:
             raise
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise UsageError(f"cannot resume from {folder}: {exc.__class__.__name__}: {exc}") from None
-        agent.updates = int(state["updates"])
-        metrics = state["metrics"]
-        for key in ("em", "nll"):
-            metrics["R"][key] = unplain_matrix(metrics["R"][key])
-            metrics["baseline"][key] = [math.nan if v is None else float(v) for v in metrics["baseline"][key]]
-        run.metrics = metrics
-        run.timing = state.get("timing", run.timing)
-        run.next_step = int(state["next_step"])
+        except Exception as exc:  # a damaged or foreign file: any of torch's, numpy's or json's errors
+            why = " ".join(str(exc).split())[:200]
+            raise UsageError(f"cannot resume from {folder}: {exc.__class__.__name__}: {why}") from None
+        run.metrics, run.timing, run.next_step = metrics, timing, next_step
         return True

@@ -35,6 +35,7 @@ and run it with ``--strategy mine`` or ``--compare "naive,mine:ratio=0.25"``.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterator
 
@@ -76,8 +77,8 @@ class Strategy:
                         value = float(value)
                     except ValueError:
                         pass
-                if not isinstance(value, numbers.Real) or isinstance(value, bool):
-                    raise UsageError(f"strategy {self.name!r}: option {key} must be a number, got {value!r}")
+                if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                    raise UsageError(f"strategy {self.name!r}: option {key} must be a finite number, got {value!r}")
                 if isinstance(default, int) and value != int(value):
                     raise UsageError(f"strategy {self.name!r}: option {key} must be a whole number, got {value!r}")
                 value = type(default)(value)
@@ -132,8 +133,8 @@ class Replay(Strategy):
     needs_memory = True
 
     def validate(self) -> None:
-        if self.ratio < 0:
-            raise UsageError(f"replay ratio must be >= 0, got {self.ratio}")
+        if not 0 <= self.ratio <= 100:
+            raise UsageError(f"replay ratio must be between 0 and 100, got {self.ratio}")
         if self.balance not in ("uniform", "module"):
             raise UsageError(f"replay balance must be uniform or module, got {self.balance!r}")
 
@@ -153,8 +154,8 @@ class EWC(Strategy):
 
     def validate(self) -> None:
         self.lam = getattr(self, "lambda")  # `lambda` is the option's name, but a Python keyword
-        if self.lam < 0 or self.samples < 1:
-            raise UsageError("ewc needs lambda >= 0 and samples >= 1")
+        if not 0 <= self.lam <= 1e12 or not 1 <= self.samples <= 10**5:
+            raise UsageError(f"ewc needs 0 <= lambda <= 1e12 and 1 <= samples <= 100000, got {self.lam} and {self.samples}")
         self.tasks: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (fisher, anchor) per task
         self._seen: list = []
 

@@ -199,7 +199,9 @@ def get_task(spec: str) -> Task:
         if not path:
             raise UsageError("task 'jsonl:' needs a path: jsonl:PATH")
         return JsonlTask(path, name=spec)
-    name, _, rest = spec.partition(":")
+    name, colon, rest = spec.partition(":")
+    if colon and not rest:
+        raise UsageError(f"task {spec!r} ends in ':' with no option after it; write {name} or {name}:key=value")
     if name not in TASKS:
         raise UsageError(
             f"unknown task {name!r}: choose from {', '.join(sorted(TASKS))}, or jsonl:PATH for a file of "
@@ -245,6 +247,8 @@ def _parse_options(name: str, factory: Callable[..., Task], text: str) -> dict[s
         key, eq, value = item.partition("=")
         if not eq or key not in params:
             raise UsageError(f"task {name!r}: bad option {item!r} (options: {accepted}; write {name}:key=value)")
+        if key in options:
+            raise UsageError(f"task {name!r}: option {key} is given twice")
         default = params[key].default
         try:
             if isinstance(default, bool):

@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from ..errors import UsageError
-from .options import number_list
+from .options import number_list, parts
 
 
 class Parser(argparse.ArgumentParser):
@@ -96,7 +96,7 @@ def run_needle_command(args) -> None:
 
     changes = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
     if args.encodings is not None:
-        changes["encodings"] = [e.strip() for e in args.encodings.split(",") if e.strip()]
+        changes["encodings"] = parts(args.encodings, "--encodings")
         if changes["encodings"] == ["all"]:
             from ..encodings import ENCODINGS
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = argv  # recorded in the run folder as the command that made it
         args.run(args)
     except UsageError as err:
-        print(f"mempos: error: {err}", file=sys.stderr)
+        print("mempos: error: " + " ".join(str(err).split()), file=sys.stderr)  # always one line
         return 2
     except OSError as err:  # the disk, not the code: full, read-only, gone
         print(f"mempos: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)

@@ -150,6 +150,8 @@ def parse_variant(spec: str, cfg: ContinualConfig) -> Variant:
         key, eq, value = opt.partition("=")
         if not eq or not key:
             raise UsageError(f"bad strategy option {opt!r} in variant {spec!r}: write {name}:key=value")
+        if key in given:
+            raise UsageError(f"option {key!r} is given twice in variant {spec!r}")
         given[key] = value
     if any(not axis for axis in axes):
         raise UsageError(f"empty fingerprint axis in variant {spec!r}: write e.g. {name}+slot+pc or {name}+fp")
@@ -178,31 +180,45 @@ def resolve_variants(cfg: ContinualConfig) -> list[Variant]:
     for label in labels:
         if labels.count(label) > 1:
             raise UsageError(f"variant {label!r} is listed twice")
+    settings = [(v.strategy, sorted(v.options.items()), v.fingerprints) for v in variants]
+    for i, setting in enumerate(settings):
+        if setting in settings[:i]:
+            first = variants[settings.index(setting)].label
+            raise UsageError(f"variants {first!r} and {variants[i].label!r} are the same run (same options)")
     slugs = [v.slug for v in variants]
     if len(set(slugs)) != len(slugs):
         raise UsageError("two variants would share a file name; make their labels differ in letters or digits")
     return variants
 
 
+# (lowest, highest) accepted value of each numeric setting: beyond these a run would not fit in memory
+# or time on any machine, or the arithmetic overflows (float32 weights, int64 positions)
+LIMITS = {
+    "episodes_per_task": (1, 10**7), "batch_size": (1, 2**16), "eval_size": (1, 10**6),
+    "exemplars_per_episode": (1, 2**16), "context_len": (1, 2**17), "steps_per_episode": (1, 10**4),
+    "eval_batch_size": (1, 2**16), "interference_examples": (1, 2**16), "n_layer": (1, 256),
+    "n_head": (1, 256), "n_embd": (1, 2**16), "interference_every": (0, 10**7), "context_examples": (0, 2**10),
+    "lr": (0, 10.0), "grad_clip": (0, 1e6), "fingerprint_stride": (0, 1e6), "route_threshold": (0, 1e6),
+    "replay_ratio": (0, 100.0), "ewc_lambda": (0, 1e12), "vocab_size": (2, 2**20),
+    "tokenizer_examples": (1, 10**6), "tokenizer_corpus_chars": (0, 10**9),
+}
+
+
 def validate(cfg: ContinualConfig) -> tuple[list, list[Variant]]:
     """Check every setting and build the tasks and variants; nothing is written."""
     from ..agent.tasks import parse_tasks
 
-    positive = ("episodes_per_task", "batch_size", "eval_size", "exemplars_per_episode", "context_len",
-                "steps_per_episode", "eval_batch_size", "interference_examples", "n_layer", "n_head", "n_embd")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("interference_every", "context_examples"):
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.grad_clip <= 0 or (cfg.fingerprint_stride is not None and cfg.fingerprint_stride <= 0):
+    for name, (low, high) in LIMITS.items():
+        value = getattr(cfg, name)
+        if value is None and name == "fingerprint_stride":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise UsageError(f"--{name.replace('_', '-')} must be between {low:g} and {high:g}, got {value!r}")
+    if cfg.lr == 0 or cfg.grad_clip == 0 or cfg.fingerprint_stride == 0:
         raise UsageError("--lr, --grad-clip and --fingerprint-stride must be positive")
-    for name in ("lr", "grad_clip", "fingerprint_stride", "route_threshold"):
-        value = getattr(cfg, name, None)
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     check_seeds(cfg.seed, cfg.seeds)
+    if cfg.out is not None and not str(cfg.out).strip():
+        raise UsageError("--out must not be empty")
     if cfg.layout not in ("sections", "interleaved"):
         raise UsageError(f"--layout must be sections or interleaved, got {cfg.layout!r}")
     if cfg.index not in ("flat", "ivf", "hnsw"):
@@ -308,8 +324,17 @@ def read_run_folder(folder) -> tuple[ContinualConfig, dict]:
     names = {f.name for f in dataclasses.fields(ContinualConfig)}
     try:
         cfg = ContinualConfig(**{k: v for k, v in saved["config"].items() if k in names})
-    except (KeyError, TypeError) as exc:
-        raise UsageError(f"--resume {folder}: config.json is damaged ({exc})") from None
+        if not isinstance(cfg.tasks, str) or not isinstance(cfg.variants, list) or not all(
+                isinstance(v, str) for v in cfg.variants):
+            raise TypeError("tasks or variants of the wrong type")
+        if cfg.seeds is not None and not (isinstance(cfg.seeds, list) and all(
+                isinstance(s, int) and not isinstance(s, bool) for s in cfg.seeds)):
+            raise TypeError("seeds is not a list of whole numbers")
+        validate(cfg)
+    except UsageError as exc:
+        raise UsageError(f"--resume {folder}: config.json holds a setting no run accepts: {exc}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise UsageError(f"--resume {folder}: config.json is damaged ({exc.__class__.__name__}: {exc})") from None
     return cfg.replace(out=str(folder)), saved
 
 
@@ -351,8 +376,14 @@ def run_continual(cfg: ContinualConfig, command: str = "", overwrite: bool = Fal
             name = f"{variant.slug}-seed{seed}"
             record = out / "runs" / f"{name}.json"
             if record.is_file():  # finished before a resume
-                saved = json.loads(record.read_text(encoding="utf-8"))
-                results[variant.label][seed], timing[name] = saved["metrics"], saved["timing"]
+                try:
+                    saved = json.loads(record.read_text(encoding="utf-8"))
+                    results[variant.label][seed], timing[name] = dict(saved["metrics"]), dict(saved["timing"])
+                    if not {"R", "baseline", "finished"} <= set(saved["metrics"]):
+                        raise KeyError("R")
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    raise UsageError(f"--resume {out}: {record} is damaged ({exc.__class__.__name__}); delete it "
+                                     "to run that variant and seed again") from None
             else:
                 pending.append((variant, seed))
     jobs = max(1, min(jobs, len(pending)))

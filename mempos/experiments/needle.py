@@ -52,6 +52,9 @@ class NeedleData:
     needle_records: list
 
 
+MAX_TOKENS = 2**17  # longest sequence (and largest batch) accepted: beyond it no CPU or GPU holds the attention
+
+
 def validate(cfg) -> None:
     """Refuse bad settings before anything is read or written."""
     unknown = [name for name in cfg.encodings if name not in ENCODINGS]
@@ -62,17 +65,17 @@ def validate(cfg) -> None:
     if len(set(cfg.encodings)) != len(cfg.encodings):
         raise UsageError("--encodings names an encoding twice")
     for name in ("train_len", "eval_len", "batch_size", "eval_batch_size", "needle_every"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+        if not 1 <= getattr(cfg, name) <= MAX_TOKENS:
+            raise UsageError(f"--{name.replace('_', '-')} must be between 1 and {MAX_TOKENS}, got {getattr(cfg, name)}")
     if cfg.eval_len <= (cfg.prompt_len or cfg.train_len):
         raise UsageError(
             f"--eval-len ({cfg.eval_len}) must be longer than --train-len ({cfg.train_len}): "
             "continuations start from a training-length prompt"
         )
-    for name in ("epochs", "lr"):
+    for name, high in (("epochs", 10_000.0), ("lr", 10.0)):
         value = getattr(cfg, name)
-        if not (math.isfinite(value) and value > 0):
-            raise UsageError(f"--{name} must be a positive finite number, got {value}")
+        if not (math.isfinite(value) and 0 < value <= high):
+            raise UsageError(f"--{name} must be a positive number of at most {high:g}, got {value}")
     if cfg.max_train_chunks is not None and cfg.max_train_chunks < 0:
         raise UsageError(f"--max-train-chunks must be 0 (all) or more, got {cfg.max_train_chunks}")
     check_seeds(cfg.seed, cfg.seeds)
@@ -82,8 +85,8 @@ def validate(cfg) -> None:
         raise UsageError("--needle must not be empty")
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise UsageError("--wandb needs the wandb package: pip install 'mempos[wandb]'")
-    if any(length < 2 for length in cfg.sweep_lens) or len(set(cfg.sweep_lens)) != len(cfg.sweep_lens):
-        raise UsageError("--sweep-lens must be distinct lengths of at least 2 tokens")
+    if any(not 2 <= length <= MAX_TOKENS for length in cfg.sweep_lens) or len(set(cfg.sweep_lens)) != len(cfg.sweep_lens):
+        raise UsageError(f"--sweep-lens must be distinct lengths of 2 to {MAX_TOKENS} tokens")
     if cfg.prompt_len is not None and not 1 <= cfg.prompt_len < cfg.eval_len:
         raise UsageError(f"--prompt-len must be between 1 and eval length - 1 ({cfg.eval_len - 1})")
 
