@@ -267,6 +267,40 @@ def test_cli_update_baseline_writes_a_valid_file_and_shows_changes(tmp_path, cap
     assert run_cli("bench", "--baseline", str(baseline), "--figures", str(moved), "--out", str(tmp_path / "o")) == 0
 
 
+def test_update_baseline_never_overwrites_a_file_that_is_not_a_baseline_of_that_size(tmp_path, capsys):
+    moved = write_figures(tmp_path / "moved.json", NOW)
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(BASELINE | {"size": "tiny"}))
+    for target, match in ((notes, "not a mempos bench baseline"), (tiny, "is the 'tiny' baseline"),
+                          (tmp_path, "not a mempos bench baseline")):
+        before = target.read_text() if target.is_file() else None
+        assert run_cli("bench", "--baseline", str(target), "--figures", str(moved), "--update-baseline",
+                       "--out", str(tmp_path / "o")) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
+        assert before is None or target.read_text() == before
+    # an older benchmark version is what --update-baseline replaces
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(BASELINE | {"benchmark_version": 0}))
+    assert run_cli("bench", "--baseline", str(old), "--figures", str(moved), "--update-baseline",
+                   "--out", str(tmp_path / "o")) == 0
+    assert load_baseline(old, "smoke")["benchmark_version"] == bench.BENCHMARK_VERSION
+
+
+def test_figures_and_tolerances_must_be_numbers(tmp_path, capsys):
+    baseline = tmp_path / "base.json"
+    baseline.write_text(json.dumps(BASELINE))
+    text = write_figures(tmp_path / "text.json", NOW | {"rope/accuracy@64": "high"})
+    assert run_cli("bench", "--baseline", str(baseline), "--figures", str(text), "--out", str(tmp_path / "o")) == 2
+    assert "is 'high', not a number" in capsys.readouterr().err
+    endless = copy.deepcopy(BASELINE)
+    endless["figures"]["rope/accuracy@64"]["tolerance"] = {"abs": math.inf}
+    with pytest.raises(BaselineError, match="finite number"):
+        parse_baseline(endless, "smoke")
+
+
 # --- determinism and the suite itself ----------------------------------------------------
 
 # A small part of the smoke benchmark: a few training steps, a small grid.

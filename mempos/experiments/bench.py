@@ -48,7 +48,7 @@ from types import SimpleNamespace
 from typing import Callable, Iterable, Mapping, Sequence
 
 from ..errors import UsageError
-from .options import number_list
+from .options import number_list, parts
 from .workers import default_jobs, stop_pool, terminate_as_interrupt, worker_pool
 
 BENCHMARK_VERSION = 1
@@ -567,8 +567,8 @@ def _entry_problem(entry) -> str | None:
     if not isinstance(tolerance, dict) or len(tolerance) != 1 or not set(tolerance) <= {"abs", "rel"}:
         return 'needs a tolerance of {"abs": x} or {"rel": y}'
     (amount,) = tolerance.values()
-    if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not amount >= 0:
-        return "has a tolerance that is not a number >= 0"
+    if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 <= amount < math.inf:
+        return "has a tolerance that is not a finite number >= 0"
     return None
 
 
@@ -811,7 +811,7 @@ def _names(text: str | None) -> list[str]:
 
     if text is None or text.strip().lower() == "all":
         return list(ENCODINGS)
-    names = [part.strip() for part in text.split(",") if part.strip()]
+    names = parts(text, "--encodings")
     unknown = [name for name in names if name not in ENCODINGS]
     if unknown:
         raise UsageError(f"unknown encoding {unknown[0]!r}; choose from {', '.join(ENCODINGS)}")
@@ -843,20 +843,23 @@ def run_bench_command(args) -> None:
         raise UsageError("--calibrate sets tolerances for a new baseline: use it with --update-baseline")
     if args.calibrate < 0 or (args.jobs is not None and args.jobs < 1):
         raise UsageError("--calibrate must be >= 0 and --jobs >= 1")
+    if args.out is not None and not args.out.strip():
+        raise UsageError("--out must not be empty")
     out = Path(args.out or f"runs/bench-{size.name}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
     jobs = args.jobs or default_jobs()
 
     if args.grid_only:
-        lengths = number_list(args.lengths, "--lengths") if args.lengths else size.lengths
-        depths = number_list(args.depths, "--depths", float) if args.depths else list(size.depths)
+        lengths = number_list(args.lengths, "--lengths") if args.lengths is not None else size.lengths
+        depths = number_list(args.depths, "--depths", float) if args.depths is not None else list(size.depths)
         if not lengths or not depths:
             raise UsageError("--lengths and --depths must not be empty")
         per_cell = args.per_cell if args.per_cell is not None else size.per_cell
-        if min(lengths) < size.train_len // 2 or any(not 0 <= d <= 1 for d in depths) or per_cell < 1:
-            raise UsageError(f"--lengths must be at least {size.train_len // 2} tokens, --depths in [0, 1], "
-                             "--per-cell at least 1")
+        if (min(lengths) < size.train_len // 2 or max(lengths) > 2**16 or any(not 0 <= d <= 1 for d in depths)
+                or not 1 <= per_cell <= 10_000):
+            raise UsageError(f"--lengths must be {size.train_len // 2} to 65536 tokens, --depths in [0, 1], "
+                             "--per-cell 1 to 10000")
         with deterministic():
             data = build_data(size, lengths, depths, per_cell, progress=_say)
         suite = run_suite(size, encodings, jobs=jobs, data=data, text=False, progress=_say)
@@ -875,6 +878,7 @@ def run_bench_command(args) -> None:
             old = load_baseline(baseline_file, size.name)
         except BaselineError as e:
             if baseline_file.exists():
+                refuse_to_replace(baseline_file, size.name)
                 _say(f"the old baseline is not usable ({e}); writing a new one")
     else:
         old = load_baseline(baseline_file, size.name)  # bad input surfaces before any training
@@ -916,6 +920,24 @@ def run_bench_command(args) -> None:
         raise SystemExit(status)
 
 
+def refuse_to_replace(path: Path, size: str) -> None:
+    """--update-baseline over a file that is not a `size` baseline of mempos bench (another size, another
+    program's JSON, any other file, a folder) would destroy it: refuse. An older benchmark version, or
+    a damaged figure entry, is what updating is for."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        obj = None
+    ours = (isinstance(obj, dict) and isinstance(obj.get("benchmark_version"), int)
+            and isinstance(obj.get("figures"), dict))
+    if not ours:
+        raise UsageError(f"--baseline {path} exists and is not a mempos bench baseline; refusing to overwrite it "
+                         "(remove it or choose another path)")
+    if obj.get("size") != size:
+        raise UsageError(f"--baseline {path} is the {obj.get('size')!r} baseline; refusing to overwrite it with "
+                         f"{size!r} figures (pass --size {obj.get('size')} or another path)")
+
+
 def _load_figures(path: Path, size: str, encodings: Sequence[str]) -> dict:
     """The figures of an earlier run's figures.json, as run_suite returns them (without details)."""
     try:
@@ -932,6 +954,9 @@ def _load_figures(path: Path, size: str, encodings: Sequence[str]) -> dict:
     wanted = set(encodings)
     figures = {name: (math.nan if value is None else value) for name, value in obj["figures"].items()
                if figure_encoding(name) in wanted}
+    for name, value in figures.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{path}: figure {name!r} is {value!r}, not a number (or null)")
     return {"figures": figures, "encodings": {}}
 
 
