@@ -87,8 +87,16 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_metrics(smoke_run, tmp_
 
 
 def test_worker_processes_give_exactly_the_metrics_of_one_process(smoke_run, tmp_path, capsys):
+    import torch
+
     out = tmp_path / "one"
-    assert main(["continual", "--preset", "smoke", "--out", str(out), "--jobs", "1"]) == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # as a user's process has (the test session runs on one thread)
+    try:
+        assert main(["continual", "--preset", "smoke", "--out", str(out), "--jobs", "1"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
     alone = json.loads((out / "metrics.json").read_text())
     pooled = json.loads((smoke_run / "metrics.json").read_text())
     assert alone["variants"] == pooled["variants"]  # every number but wall-clock times

@@ -16,6 +16,7 @@ the single variant ``S+A``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -25,6 +26,7 @@ import random
 import re
 import shlex
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,7 +349,7 @@ def run_continual(cfg: ContinualConfig, command: str = "", overwrite: bool = Fal
     stops the first run after that task's checkpoint, as if killed, and returns None.
     `jobs` > 1 runs that many (variant, seed) runs at a time in worker processes of one
     thread each (progress: a line per task boundary); each run is seeded on its own, so the
-    metrics equal those of one single-threaded process.
+    metrics equal those of `jobs` = 1 (where every run also computes on one thread).
     """
     tasks, variants = validate(cfg)
     seeds = cfg.seeds or [cfg.seed]
@@ -392,7 +394,8 @@ def run_continual(cfg: ContinualConfig, command: str = "", overwrite: bool = Fal
     else:
         done = []
         for variant, seed in pending:
-            outcome = run_one(cfg, tasks, tokenizer, variant, seed, out, resume, progress, stop_after_task)
+            with one_thread():  # as in a worker: the metrics must not depend on --jobs
+                outcome = run_one(cfg, tasks, tokenizer, variant, seed, out, resume, progress, stop_after_task)
             if outcome is None:  # stopped on purpose, as a killed run would be
                 return None
             done.append((variant, seed, *outcome))
@@ -421,6 +424,19 @@ def run_one(cfg, tasks, tokenizer, variant: Variant, seed: int, out: Path, resum
     timing = timing_summary(run)
     write_json(out / "runs" / f"{name}.json", {"metrics": plain(metrics), "timing": timing})
     return plain(metrics), timing
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Every run computes on one torch thread, in a worker or not: other thread counts round
+    differently, and training amplifies that into different metrics. On a small model a second
+    thread gains little; --jobs uses the cores instead."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # imported once by the fork server, so every worker starts with them loaded
@@ -557,7 +573,7 @@ def aggregate(cfg, command, tasks, variants, results, timing) -> dict:
         },
         "timing": timing,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads()},
+                        "threads_per_run": 1},
     })
 
 
@@ -914,7 +930,7 @@ def add_parser(sub) -> None:
                    "tables show mean ± sd")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/continual-<preset>); must be empty or new")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
-    p.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR (takes no other option)")
+    p.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR (takes no other option but --jobs)")
     for name, (kind, text) in OPTIONS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar="N" if kind is int else "X", help=text)
     p.add_argument("--index", choices=["flat", "ivf", "hnsw"], help="memory index (default flat: exact)")
@@ -942,7 +958,8 @@ def run_command(args) -> None:
             raise UsageError(f"--resume takes no other option (the run's config.json decides); got "
                              f"{', '.join(given or ['--overwrite'])}")
         cfg, _ = read_run_folder(args.resume)
-        run_continual(cfg, command, resume=True, jobs=jobs)
+        with resume_hint(cfg.out):
+            run_continual(cfg, command, resume=True, jobs=jobs)
         return
     cfg = PRESETS[args.preset or "tiny"]
     changes = {k: getattr(args, k) for k in ("tasks", "seed", "out", "index", *OPTIONS) if getattr(args, k) is not None}
@@ -958,5 +975,18 @@ def run_command(args) -> None:
         changes["variants"] = [args.strategy + fingerprint_label(axes)]
     elif args.compare is not None:
         changes["variants"] = parse_variants(args.compare, cfg)
-    run_continual(cfg.replace(**changes), command, overwrite=args.overwrite, jobs=jobs)
+    cfg = cfg.replace(**changes)
+    with resume_hint(cfg.out or f"runs/continual-{cfg.preset}"):
+        run_continual(cfg, command, overwrite=args.overwrite, jobs=jobs)
+
+
+@contextlib.contextmanager
+def resume_hint(out):
+    """On Ctrl-C, say how to continue (the checkpoints of every finished task boundary are kept)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if (Path(out) / "config.json").is_file():
+            print(f"continue with: mempos continual --resume {shlex.quote(str(out))}", file=sys.stderr)
+        raise
 
