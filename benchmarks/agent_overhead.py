@@ -31,7 +31,7 @@ from mempos.models import train_tokenizer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
     parser.add_argument("--tasks", help="tasks of the stream (default: the preset's)")
     parser.add_argument("--episodes", type=int, default=60, help="episodes timed per arm (after 3 warm-up episodes)")

@@ -86,9 +86,9 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated slot counts")
-    parser.add_argument("--million", action="store_true", help="add 10^6 slots to --sizes (slow, see above)")
+    parser.add_argument("--million", action="store_true", help="add 10^6 slots to --sizes (slow: 12 min and 2.9 GB with --threads 1 on 2 cores)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--queries", type=int, default=1000)

@@ -39,3 +39,11 @@ def test_the_readme_task_and_strategy_example_runs():
     finally:
         TASKS.pop("mul", None)
         STRATEGIES.pop("half_replay", None)
+
+
+def test_the_readme_python_api_example_runs():
+    block = re.search(r"```python\n(import torch\nfrom mempos.encodings.*?)```", README, re.S).group(1)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["logits"].shape == (1, 32, 512) and len(scope["probs"]) == 2
+    assert scope["tokens"].shape == (1, 48)

@@ -760,7 +760,7 @@ def add_parser(sub) -> None:
             "accuracy and attention on the needle, and compare every figure with a baseline file. Exit "
             "status: 0 all figures hold, 1 a regression (or a figure that moved without a better direction, "
             "or one that is missing), 2 bad input. Writes to --out: figures.json, comparison.json, "
-            "comparison.md, grid.json, grid.md (ranking of encodings) and heatmap-<encoding>.png.", width=79,
+            "comparison.md, grid.json, grid.md (ranking of encodings), grid.png and heatmap-<encoding>.png.", width=79,
         ),
         epilog="sizes:\n" + "\n".join(f"  {name:<6} {text}" for name, text in SIZES_HELP.items()) + (
             "\n\nverdicts:\n"
@@ -868,7 +868,7 @@ def run_bench_command(args) -> None:
 
         grids = {name: result["cells"] for name, result in suite["encodings"].items()}
         print(ranking_table(grids, size.train_len))
-        _say(f"wrote {out}: grid.md, grid.json, figures.json and {len(encodings)} heatmaps")
+        _say(f"wrote {out}: grid.md, grid.json, grid.png, figures.json and {len(encodings)} heatmaps")
         return
 
     baseline_file = Path(args.baseline) if args.baseline else baseline_path(size.name)
