@@ -14,7 +14,7 @@ from mempos.agent.fingerprints import (
 )
 from mempos.agent.items import Encoder, ExemplarTable
 from mempos.agent.loop import Agent, AgentConfig, ContinualRun
-from mempos.agent.packing import IGNORE, one_per_row, pack
+from mempos.agent.packing import IGNORE, pack
 from mempos.agent.results import score_summary, summarise
 from mempos.agent.strategies import STRATEGIES, Strategy, make_strategy, register_strategy
 from mempos.agent.stream import TaskStream

@@ -7,7 +7,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 from transformers import LlamaConfig
 
-from mempos.encodings import EAGER, SDPA, Rotary, apply_rotary, eager_attention, get_warp, rotate_half
+from mempos.encodings import EAGER, SDPA, Rotary, eager_attention, get_warp, rotate_half
 from mempos.encodings.gpt2 import key_positions
 from mempos.generation import greedy_decode
 

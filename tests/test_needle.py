@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from mempos.checkpoint import load_checkpoint
 from mempos.data import chunk_tokens, load_text

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pytest
 
 from mempos.experiments.report import plot_entropy, write_report
 
