@@ -154,3 +154,14 @@ def test_sweep_table_gives_mean_and_sample_sd_over_seeds(tmp_path):
     assert "lowest mean perplexity is si_rope's (21); ranked: si_rope, rope" in text
     plot_sweep(sweep, 128, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_sentence_names_a_tie_and_a_single_seed():
+    from mempos.experiments.report import sweep_blocks
+
+    sweep = {"lengths": [64], "seeds": [0],
+             "results": {"rope": {"64": {"ppl": [354.21], "entropy_norm": [0.5]}},
+                         "si_rope": {"64": {"ppl": [354.18], "entropy_norm": [0.5]}}}}
+    text = "\n".join(sweep_blocks(sweep, train_len=32))
+    assert "one seed (0), so no spread" in text and "over seeds 0" not in text
+    assert "si_rope and rope share the lowest mean perplexity (354.2 to the digits shown)" in text

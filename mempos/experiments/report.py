@@ -372,19 +372,25 @@ def sweep_blocks(sweep: dict, train_len: int) -> list[str]:
     longest = lengths[-1]
     ranked = sorted(results, key=lambda name: mean_spread(results[name][str(longest)]["ppl"])[0])
     best = ranked[0]
+    shown = {name: fmt(mean_spread(results[name][str(longest)]["ppl"])[0]) for name in ranked}
+    tied = [name for name in ranked if shown[name] == shown[best]]
+    over = (f"mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1
+            else f"one seed ({seeds[0]}), so no spread")
+    leader = (f"the lowest mean perplexity is {best}'s ({shown[best]}); ranked: {', '.join(ranked)}."
+              if len(tied) == 1 else
+              f"{' and '.join(tied)} share the lowest mean perplexity ({shown[best]} to the digits shown); "
+              f"ranked: {', '.join(ranked)}.")
     return [
         "## Length sweep",
         f"Every encoding trained at {train_len} tokens and evaluated on the same held-out tokens cut to each "
-        f"length; mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}.",
+        f"length; {over}.",
         "![perplexity and entropy against evaluation length](length_sweep.png)",
         "### Perplexity",
         table(header, [[name] + [plus_minus(results[name][str(length)]["ppl"]) for length in lengths] for name in results]),
         "### Mean normalised attention entropy (all query positions)",
         table(header, [[name] + [plus_minus(results[name][str(length)]["entropy_norm"]) for length in lengths]
                        for name in results]),
-        f"At {longest} tokens the lowest mean perplexity is {best}'s "
-        f"({fmt(mean_spread(results[best][str(longest)]['ppl'])[0])}); ranked: {', '.join(ranked)}."
-        + gap_sentence(results, ranked, str(longest), len(seeds)),
+        f"At {longest} tokens {leader}" + gap_sentence(results, ranked, str(longest), len(seeds)),
     ]
 
 
