@@ -401,7 +401,7 @@ def run_continual(cfg: ContinualConfig, command: str = "", overwrite: bool = Fal
             done.append((variant, seed, *outcome))
     for variant, seed, run_metrics, run_timing in done:
         results[variant.label][seed], timing[f"{variant.slug}-seed{seed}"] = run_metrics, run_timing
-    metrics = aggregate(cfg, command, tasks, variants, results, timing)
+    metrics = aggregate(cfg.replace(out=str(out)), command, tasks, variants, results, timing)
     write_json(out / "metrics.json", metrics)
     write_plots(metrics, out)
     write_report(metrics, out / "report.md")
