@@ -49,7 +49,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from ..errors import UsageError
 from .options import number_list, parts
-from .workers import default_jobs, stop_pool, terminate_as_interrupt, worker_pool
+from .workers import (
+    default_jobs, results_as_completed, stop_pool, terminate_as_interrupt, torch_threads, worker_pool,
+)
 
 BENCHMARK_VERSION = 1
 BASELINE_DIR = Path(__file__).resolve().parent / "baselines"
@@ -140,14 +142,13 @@ def deterministic(threads: int = 1):
     """One torch thread and deterministic algorithms for the block, then the caller's settings back."""
     import torch
 
-    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
+    before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        yield
+        with torch_threads(threads):
+            yield
     finally:
-        torch.set_num_threads(before[0])
-        torch.use_deterministic_algorithms(before[1])
+        torch.use_deterministic_algorithms(before)
 
 
 def seed_everything(seed: int) -> None:
@@ -341,31 +342,26 @@ def run_suite(size: Size, encodings: Sequence[str], jobs: int = 1, data: BenchDa
 
 
 def _run_suite(size, encodings, jobs, data, text, seed, threads, say) -> dict:
-    pool, finished = (worker_pool(jobs, WORKER_PRELOAD) if jobs > 1 else None), False
+    pool = worker_pool(jobs, WORKER_PRELOAD) if jobs > 1 else None  # its server loads while the data build
     try:
         if data is None:
             with deterministic():
                 data = build_data(size, progress=say)
-        results = {}
-        say(f"training and measuring {len(encodings)} encodings"
-            + (f" in {jobs} worker processes" if pool else ""))
-        if pool is None:
-            for index, name in enumerate(encodings, 1):
-                result = run_encoding(name, size, data, text=text, seed=seed, threads=threads)
-                results[name] = result
-                say(_done_line(index, len(encodings), result, size))
-        else:
-            futures = {pool.submit(_worker, name, size, data, text, seed, threads): name for name in encodings}
-            from concurrent.futures import as_completed
-
-            for index, future in enumerate(as_completed(futures), 1):
-                result = future.result()
-                results[result["encoding"]] = result
-                say(_done_line(index, len(encodings), result, size))
-        finished = True
-    finally:
+    except BaseException:
         if pool is not None:
-            stop_pool(pool, finished)
+            stop_pool(pool, finished=False)
+        raise
+    say(f"training and measuring {len(encodings)} encodings" + (f" in {jobs} worker processes" if pool else ""))
+    if pool is None:
+        outcomes = ((i, run_encoding(name, size, data, text=text, seed=seed, threads=threads))
+                    for i, name in enumerate(encodings))
+    else:
+        outcomes = results_as_completed(pool, _worker, [(name, size, data, text, seed, threads) for name in encodings])
+    results = {}
+    with contextlib.closing(outcomes):  # an error here still ends the workers at once
+        for count, (_, result) in enumerate(outcomes, 1):
+            results[result["encoding"]] = result
+            say(_done_line(count, len(encodings), result, size))
     ordered = {name: results[name] for name in encodings}
     figures = {key: value for result in ordered.values() for key, value in result["figures"].items()}
     return {"figures": figures, "encodings": ordered}

@@ -51,7 +51,9 @@ from ..errors import UsageError  # noqa: E402
 from ..io import atomic_path, write_json, write_text  # noqa: E402
 from ..models import small_gpt2, tokenizer_from_json, tokenizer_to_json, train_tokenizer  # noqa: E402
 from .options import check_seeds, number_list  # noqa: E402
-from .workers import default_jobs, stop_pool, terminate_as_interrupt, worker_pool  # noqa: E402
+from .workers import (  # noqa: E402
+    default_jobs, results_as_completed, terminate_as_interrupt, torch_threads, worker_pool,
+)
 from .report import fmt, mean_spread, table  # noqa: E402
 
 FORMAT = "mempos-continual/1"
@@ -394,7 +396,7 @@ def run_continual(cfg: ContinualConfig, command: str = "", overwrite: bool = Fal
     else:
         done = []
         for variant, seed in pending:
-            with one_thread():  # as in a worker: the metrics must not depend on --jobs
+            with torch_threads(1):  # as in a worker: the metrics must not depend on --jobs
                 outcome = run_one(cfg, tasks, tokenizer, variant, seed, out, resume, progress, stop_after_task)
             if outcome is None:  # stopped on purpose, as a killed run would be
                 return None
@@ -426,19 +428,6 @@ def run_one(cfg, tasks, tokenizer, variant: Variant, seed: int, out: Path, resum
     return plain(metrics), timing
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Every run computes on one torch thread, in a worker or not: other thread counts round
-    differently, and training amplifies that into different metrics. On a small model a second
-    thread gains little; --jobs uses the cores instead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # imported once by the fork server, so every worker starts with them loaded
 WORKER_PRELOAD = ["torch", "transformers", "faiss", "networkx", "mempos.encodings", "mempos.models",
                   "mempos.memory", "mempos.agent.loop", __name__]
@@ -446,31 +435,21 @@ WORKER_PRELOAD = ["torch", "transformers", "faiss", "networkx", "mempos.encoding
 
 def run_in_workers(cfg, tokenizer, pending, out: Path, resume: bool, jobs: int) -> list[tuple]:
     """`pending` (variant, seed) runs in `jobs` worker processes; [(variant, seed, metrics, timing)]."""
-    from concurrent.futures import as_completed
-
     print(f"running {len(pending)} runs in {jobs} worker processes (one thread each)", flush=True)
-    done, finished = [], False
     tokenizer_json = tokenizer_to_json(tokenizer)
+    calls = [(cfg, tokenizer_json, variant, seed, out, resume) for variant, seed in pending]
     with terminate_as_interrupt():
-        pool = worker_pool(jobs, WORKER_PRELOAD)
-        try:
-            futures = {pool.submit(_worker, cfg, tokenizer_json, variant, seed, out, resume): index
-                       for index, (variant, seed) in enumerate(pending)}
-            for future in as_completed(futures):
-                done.append((futures[future], future.result()))
-            finished = True
-        finally:
-            stop_pool(pool, finished)
-    return [(*pending[index], *result) for index, result in sorted(done, key=lambda d: d[0])]
+        done = dict(results_as_completed(worker_pool(jobs, WORKER_PRELOAD), _worker, calls))
+    return [(*pending[index], *done[index]) for index in range(len(pending))]
 
 
 def _worker(cfg, tokenizer_json: str, variant: Variant, seed: int, out: Path, resume: bool) -> tuple[dict, dict]:
-    torch.set_num_threads(1)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     tasks, _ = validate(cfg)
-    return run_one(cfg, tasks, tokenizer_from_json(tokenizer_json), variant, seed, out, resume, progress="lines")
+    with torch_threads(1):
+        return run_one(cfg, tasks, tokenizer_from_json(tokenizer_json), variant, seed, out, resume, progress="lines")
 
 
 def build_run(cfg, tasks, tokenizer, variant: Variant, seed: int, checkpoint_dir=None,

@@ -75,6 +75,35 @@ def terminate_as_interrupt():
         signal.signal(signal.SIGTERM, before)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """`n` torch threads for the block, then the caller's number back. Runs that must give the same
+    numbers in a worker and in the calling process compute on the same number of threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def results_as_completed(pool, function, calls: Sequence[tuple]):
+    """Submit function(*args) for every args in `calls`; yield (index in calls, result) as each finishes.
+    The pool is shut down when the iteration ends; after an error or an interrupt its workers are ended."""
+    from concurrent.futures import as_completed
+
+    finished = False
+    try:
+        futures = {pool.submit(function, *args): index for index, args in enumerate(calls)}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+        finished = True
+    finally:
+        stop_pool(pool, finished)
+
+
 def stop_pool(pool, finished: bool) -> None:
     """Shut the pool down; after an error or an interrupt, end its workers instead of waiting for them."""
     if not finished:
